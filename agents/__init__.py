@@ -1,0 +1,1 @@
+"""Faust agents, found by autodiscovery: one module per stream."""

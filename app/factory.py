@@ -1,0 +1,70 @@
+"""Builds the Faust application from `Settings` (tests and tools build their own)."""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC
+
+import faust
+
+from app.settings import KafkaSecurity, Settings
+
+
+def kafka_ssl_context(security: KafkaSecurity) -> ssl.SSLContext:
+    """A verifying client context: the CA file if given, else the system's trust store."""
+    context = ssl.create_default_context(cafile=security.ca_file)
+    context.check_hostname = security.check_hostname
+    if security.cert_file and security.key_file:
+        context.load_cert_chain(security.cert_file, security.key_file)
+    return context
+
+
+def kafka_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT | None:
+    """Faust credentials for KAFKA_SECURITY_PROTOCOL.
+
+    Faust's SASLCredentials silently means SASL_PLAINTEXT unless it is given an SSL context, so
+    SASL_SSL always passes one.
+    """
+    protocol = security.protocol
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(kafka_ssl_context(security))
+    return faust.SASLCredentials(
+        username=security.sasl_username,
+        password=security.sasl_password.value,
+        mechanism=security.sasl_mechanism,
+        ssl_context=kafka_ssl_context(security) if protocol == "SASL_SSL" else None,
+    )
+
+
+def create_app(settings: Settings) -> faust.App:
+    brokers = ";".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers)
+    return faust.App(
+        settings.consumer_group,
+        broker=brokers,
+        broker_credentials=kafka_credentials(settings.kafka_security),
+        autodiscover=["agents", "tables"],
+        origin="app",
+        store="rocksdb://",
+        datadir=str(settings.data_dir),
+        processing_guarantee="at_least_once",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication_factor,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=max(4096, settings.sink_batch_max_events * 2),
+        broker_commit_every=10_000,
+        broker_commit_interval=2.0,
+        producer_acks=-1,
+        producer_max_request_size=max(1_048_576, settings.max_document_bytes * 4),
+        producer_linger=0.005,
+        timezone=UTC,
+        web_port=settings.web_port,
+        web_bind=settings.web_bind,
+        web_router_enabled=settings.web_table_routes_enabled,
+        web_tables_enabled=settings.web_table_routes_enabled,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
+    )

@@ -1,0 +1,39 @@
+"""Topic declarations: the consumer reads raw bytes (decoding is ours, so poison is routed, not fatal);
+producers send `MemorySyncEvent` records through the configured codec."""
+
+from __future__ import annotations
+
+from app import app, settings
+from app.records import MemorySyncEvent
+
+# Consumed by agents.sync. Keyed by entity_id: per-entity order, and every retry of an event lands on
+# the partition whose idempotency state has seen it.
+sync_events = app.topic(
+    settings.sync_topic,
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
+    partitions=settings.topic_partitions,
+)
+
+# The same topic, for producers of records.
+sync_events_out = app.topic(
+    settings.sync_topic,
+    key_type=bytes,
+    value_type=MemorySyncEvent,
+    key_serializer="raw",
+    value_serializer=f"memsync_{settings.codec}",
+    partitions=settings.topic_partitions,
+)
+
+dlq_events = app.topic(
+    settings.dlq_topic,
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
+    partitions=settings.topic_partitions,
+    retention=settings.dlq_retention_ms / 1000.0,
+    config={"retention.ms": str(settings.dlq_retention_ms)},
+)

@@ -1,0 +1,1 @@
+"""Faust tables, found by autodiscovery."""
