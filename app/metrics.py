@@ -1,0 +1,121 @@
+"""memsync's Prometheus metrics, named exactly as the seed, on the registry Faust's sensor serves.
+
+A worker serves them at /metrics (app.web). An application that only produces (UnifiedMemoryClient
+outside a worker) exposes them with `prometheus_client.start_http_server(port)` or multiprocess mode;
+see docs/operations.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+registry: CollectorRegistry = REGISTRY
+
+# Latencies span a local round trip (ms) to a ClickHouse outage (tens of seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+events_published = Counter(
+    "memory_sync_events_published_total",
+    "MemorySyncEvents published to Kafka by UnifiedMemoryClient",
+    ["topic"],
+    registry=registry,
+)
+publish_latency = Histogram(
+    "memory_sync_publish_latency_seconds",
+    "Time from send() to the broker's acknowledgement of a MemorySyncEvent",
+    buckets=LATENCY_BUCKETS,
+    registry=registry,
+)
+publish_failures = Counter(
+    "memory_sync_publish_failures_total",
+    "MemorySyncEvents that could not be published after the MongoDB write (reconciliation repairs them)",
+    registry=registry,
+)
+events_consumed = Counter(
+    "memory_sync_events_consumed_total",
+    "MemorySyncEvents consumed by the sync agent (including duplicates and poison)",
+    ["topic"],
+    registry=registry,
+)
+consume_latency = Histogram(
+    "memory_sync_consume_latency_seconds",
+    "Time from the event's timestamp (save) to its row being written in ClickHouse",
+    buckets=LATENCY_BUCKETS,
+    registry=registry,
+)
+consumer_lag = Gauge(
+    "memory_sync_consumer_lag",
+    "Broker high-water mark minus the group's committed offset, per assigned partition",
+    ["topic", "partition"],
+    registry=registry,
+)
+dlq_events = Counter(
+    "memory_sync_dlq_events_total",
+    "Events sent to the dead-letter topic, by error class",
+    ["error_class"],
+    registry=registry,
+)
+duplicates_skipped = Counter(
+    "memory_sync_duplicate_events_skipped_total",
+    "Events skipped because their event_id was already written",
+    ["layer"],
+    registry=registry,
+)
+rows_inserted = Counter(
+    "memory_sync_rows_inserted_total",
+    "History rows inserted into ClickHouse, by source",
+    ["source"],
+    registry=registry,
+)
+insert_rows = Histogram(
+    "memory_sync_insert_batch_rows",
+    "Rows per ClickHouse insert",
+    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000, 50000, 100000),
+    registry=registry,
+)
+sink_waiting = Gauge(
+    "memory_sync_sink_waiting",
+    "1 while the sync agent holds a batch because ClickHouse is unavailable",
+    registry=registry,
+)
+sink_retries = Counter(
+    "memory_sync_sink_retries_total",
+    "Retries of a held batch while ClickHouse is unavailable",
+    registry=registry,
+)
+retries_scheduled = Counter(
+    "memory_sync_retries_scheduled_total",
+    "Record-level failures scheduled for a delayed retry, by attempt number",
+    ["attempt"],
+    registry=registry,
+)
+job_last_success = Gauge(
+    "memory_sync_job_last_success_timestamp_seconds",
+    "Unix time of the last successful run of a scheduled job",
+    ["job"],
+    registry=registry,
+)
+job_duration = Gauge(
+    "memory_sync_job_last_duration_seconds",
+    "Duration of the last run of a scheduled job",
+    ["job"],
+    registry=registry,
+)
+job_failures = Counter(
+    "memory_sync_job_failures_total",
+    "Failed runs of a scheduled job",
+    ["job"],
+    registry=registry,
+)
+reconcile_rows_repaired = Counter(
+    "memory_sync_reconcile_rows_repaired_total",
+    "History rows inserted by reconciliation because ClickHouse lacked them",
+    ["collection"],
+    registry=registry,
+)
+retention_rows_removed = Counter(
+    "memory_sync_retention_rows_removed_total",
+    "History rows removed by retention, by data type",
+    ["data_type"],
+    registry=registry,
+)
