@@ -37,3 +37,15 @@ dlq_events = app.topic(
     retention=settings.dlq_retention_ms / 1000.0,
     config={"retention.ms": str(settings.dlq_retention_ms)},
 )
+
+# Record-level failures waiting for their next attempt (agents/retry.py). Same partition count and
+# partition number as the source, so a retried event meets the idempotency state that has seen it.
+retry_events = app.topic(
+    settings.retry_topic,
+    key_type=bytes,
+    value_type=bytes,
+    key_serializer="raw",
+    value_serializer="raw",
+    partitions=settings.topic_partitions,
+    config={"retention.ms": str(settings.dlq_retention_ms)},
+)

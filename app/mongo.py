@@ -1,0 +1,18 @@
+"""MongoDB access: the async client built from settings (URI with credentials and TLS options passed
+through as given)."""
+
+from __future__ import annotations
+
+from pymongo import AsyncMongoClient
+
+from app.settings import Settings
+
+
+def async_client(settings: Settings) -> AsyncMongoClient:
+    return AsyncMongoClient(
+        settings.mongodb_uri.value,
+        serverSelectionTimeoutMS=10_000,
+        connectTimeoutMS=5_000,
+        tz_aware=False,
+        appname=f"memsync-{settings.worker_id}",
+    )

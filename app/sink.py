@@ -1,0 +1,318 @@
+"""The real-time path's work, as plain functions the agents call: decode a batch of Kafka events, skip
+what is already written, insert the rest into ClickHouse, mark them, and hand failures to the DLQ lane.
+
+Two kinds of failure, two behaviours:
+- record-level (this record is bad): routed away (`deadletter`), the partition keeps flowing;
+- sink-level (ClickHouse unavailable): the same batch is retried with capped, jittered exponential
+  backoff until it is written. Nothing is acked meanwhile, nothing goes to the DLQ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from faust.types import EventT
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_never,
+    wait_exponential_jitter,
+)
+
+from app import metrics
+from app.codecs import EventDecodeError, decode_event
+from app.history import AsyncHistory, HistoryRow, RowsRejected, SinkUnavailable
+
+log = logging.getLogger(__name__)
+
+REPLAY_HEADER = "memsync.replay"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A record-level failure. `retryable` is False when retrying cannot help (undecodable bytes)."""
+
+    event: EventT
+    error_class: str
+    message: str
+    retryable: bool
+
+
+@dataclass(slots=True)
+class Decoded:
+    event: EventT
+    row: HistoryRow
+
+
+@dataclass
+class SinkState:
+    """What the health and stats views report about the ClickHouse sink."""
+
+    waiting: bool = False
+    reason: str = ""
+    since: float | None = None
+    attempts: int = 0
+    last_insert_at: float | None = None
+    last_insert_rows: int = 0
+
+    def wait(self, reason: str) -> None:
+        if not self.waiting:
+            self.since = time.time()
+        self.waiting = True
+        self.reason = reason
+        self.attempts += 1
+        metrics.sink_waiting.set(1)
+
+    def recovered(self, rows: int) -> None:
+        if self.waiting:
+            log.warning("ClickHouse is back after %.1fs; batch written", time.time() - (self.since or 0))
+        self.waiting = False
+        self.reason = ""
+        self.since = None
+        self.attempts = 0
+        self.last_insert_at = time.time()
+        self.last_insert_rows = rows
+        metrics.sink_waiting.set(0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": "waiting" if self.waiting else "healthy",
+            "reason": self.reason,
+            "waiting_since": self.since,
+            "attempts": self.attempts,
+            "last_insert_at": self.last_insert_at,
+            "last_insert_rows": self.last_insert_rows,
+        }
+
+
+class IdempotencyIndex(Protocol):
+    def known(self, pairs: Sequence[tuple[EventT, str]]) -> set[str]: ...
+
+    def mark(self, pairs: Sequence[tuple[EventT, str]]) -> None: ...
+
+
+class FailureRoute(Protocol):
+    async def route(self, failures: Sequence[Failure]) -> None: ...
+
+
+@dataclass
+class BatchReport:
+    consumed: int = 0
+    written: int = 0
+    duplicates: dict[str, int] = field(default_factory=dict)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def _version_of(document: dict[str, Any]) -> int:
+    version = document.get("version", 0)
+    if isinstance(version, dict):  # canonical Extended JSON: {"$numberInt": "3"} / {"$numberLong": "3"}
+        version = next(iter(version.values()), 0)
+    try:
+        number = int(version)
+    except (TypeError, ValueError):
+        raise ValueError(f"document field 'version' is not an integer: {version!r}") from None
+    if number < 0:
+        raise ValueError(f"document field 'version' is negative: {number}")
+    return number
+
+
+def decode_batch(
+    events: Sequence[EventT], *, codec: str, max_document_bytes: int, source: str = "realtime"
+) -> tuple[list[Decoded], list[Failure]]:
+    """Turn Kafka events into history rows; every event becomes exactly one row or one failure."""
+    decoded: list[Decoded] = []
+    failures: list[Failure] = []
+    for event in events:
+        try:
+            payload = decode_event(event.message.value, codec)
+        except EventDecodeError as exc:
+            failures.append(Failure(event, "undecodable", str(exc), retryable=False))
+            continue
+        data = payload["data"]
+        if len(data) > max_document_bytes:
+            failures.append(
+                Failure(event, "too_large", f"data is {len(data)} bytes, over {max_document_bytes}", True)
+            )
+            continue
+        try:
+            document = orjson.loads(data)
+            if not isinstance(document, dict):
+                raise ValueError("data must be a JSON object")
+            version = _version_of(document)
+        except (orjson.JSONDecodeError, ValueError) as exc:
+            failures.append(Failure(event, "invalid_data", f"invalid document JSON: {exc}", retryable=True))
+            continue
+        headers = event.message.headers or ()
+        row_source = "replay" if any(key == REPLAY_HEADER for key, _ in _header_items(headers)) else source
+        decoded.append(
+            Decoded(
+                event,
+                HistoryRow(
+                    event_id=payload["event_id"],
+                    entity_id=payload["entity_id"],
+                    data_type=payload["data_type"],
+                    operation=payload["operation"],
+                    collection=payload["collection"],
+                    event_ts_ms=payload["timestamp"],
+                    version=version,
+                    data=data,
+                    metadata=payload["metadata"],
+                    source=row_source,
+                ),
+            )
+        )
+    return decoded, failures
+
+
+def _header_items(headers: Any) -> list[tuple[str, bytes]]:
+    if isinstance(headers, dict):
+        return list(headers.items())
+    return list(headers)
+
+
+def dedup_token(rows: Sequence[HistoryRow]) -> str:
+    """Same rows → same token, so ClickHouse (where it supports tokens) drops a retried insert."""
+    digest = hashlib.blake2b(digest_size=16)
+    for row in rows:
+        digest.update(row.event_id.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+class HistorySink:
+    """Writes batches of events into the history table, exactly once per event_id."""
+
+    def __init__(
+        self,
+        history: AsyncHistory,
+        index: IdempotencyIndex,
+        route: FailureRoute,
+        *,
+        codec: str,
+        max_document_bytes: int,
+        backoff_max_s: float,
+        topic: str,
+    ) -> None:
+        self.history = history
+        self.index = index
+        self.route = route
+        self.codec = codec
+        self.max_document_bytes = max_document_bytes
+        self.backoff_max_s = backoff_max_s
+        self.topic = topic
+        self.state = SinkState()
+        self._schema_ready = False
+
+    async def ensure_schema(self) -> None:
+        """Create the history table if needed; waits while ClickHouse is unavailable."""
+        if not self._schema_ready:
+            await self._retry_sink(self.history.ensure_schema)
+            self._schema_ready = True
+
+    async def handle(
+        self, events: Sequence[EventT], source: str = "realtime", topic: str | None = None
+    ) -> BatchReport:
+        """Process one batch. Returns only when every event is written, skipped or routed away."""
+        await self.ensure_schema()
+        report = BatchReport(consumed=len(events))
+        metrics.events_consumed.labels(topic or self.topic).inc(len(events))
+        decoded, failures = decode_batch(
+            events, codec=self.codec, max_document_bytes=self.max_document_bytes, source=source
+        )
+        fresh = self._skip_duplicates(decoded, report)
+        fresh = await self._skip_already_written(fresh, report)
+        if fresh:
+            rejected = await self._insert_isolating([d.row for d in fresh])
+            rejected_ids = {row.event_id for row, _ in rejected}
+            event_of = {d.row.event_id: d.event for d in fresh} if rejected else {}
+            for row, exc in rejected:
+                failures.append(Failure(event_of[row.event_id], "rejected_by_clickhouse", str(exc), True))
+            written = [d for d in fresh if d.row.event_id not in rejected_ids]
+            self.index.mark([(d.event, d.row.event_id) for d in written])
+            report.written = len(written)
+            now_ms = time.time() * 1000
+            for d in written:
+                metrics.consume_latency.observe(max(0.0, (now_ms - d.row.event_ts_ms) / 1000))
+            metrics.rows_inserted.labels(source).inc(len(written))
+        if failures:
+            report.failures = failures
+            await self.route.route(failures)
+        return report
+
+    def _skip_duplicates(self, decoded: list[Decoded], report: BatchReport) -> list[Decoded]:
+        """Within the batch: keep the first of each event_id (later copies are acked as duplicates)."""
+        seen: set[str] = set()
+        unique: list[Decoded] = []
+        for d in decoded:
+            if d.row.event_id in seen:
+                continue
+            seen.add(d.row.event_id)
+            unique.append(d)
+        self._count_duplicates(report, "batch", len(decoded) - len(unique))
+        return unique
+
+    async def _skip_already_written(self, decoded: list[Decoded], report: BatchReport) -> list[Decoded]:
+        if not decoded:
+            return decoded
+        known = self.index.known([(d.event, d.row.event_id) for d in decoded])
+        self._count_duplicates(report, "table", len(known))
+        unknown = [d for d in decoded if d.row.event_id not in known]
+        if not unknown:
+            return unknown
+        # One lookup per batch for ids the table does not know: rows written before a crash lost the
+        # table update, or written by the batch path.
+        in_clickhouse = await self._retry_sink(
+            lambda: self.history.existing_event_ids([(d.row.entity_id, d.row.event_id) for d in unknown])
+        )
+        if in_clickhouse:
+            self._count_duplicates(report, "clickhouse", len(in_clickhouse))
+            self.index.mark([(d.event, d.row.event_id) for d in unknown if d.row.event_id in in_clickhouse])
+        return [d for d in unknown if d.row.event_id not in in_clickhouse]
+
+    def _count_duplicates(self, report: BatchReport, layer: str, count: int) -> None:
+        if count:
+            report.duplicates[layer] = report.duplicates.get(layer, 0) + count
+            metrics.duplicates_skipped.labels(layer).inc(count)
+
+    async def _insert_isolating(self, rows: list[HistoryRow]) -> list[tuple[HistoryRow, RowsRejected]]:
+        """Insert rows; when ClickHouse rejects a value, bisect to find the rows it rejects."""
+        try:
+            await self._retry_sink(lambda: self.history.insert(rows, dedup_token(rows)))
+        except RowsRejected as exc:
+            if len(rows) == 1:
+                log.warning("ClickHouse rejected event %s: %s", rows[0].event_id, exc)
+                return [(rows[0], exc)]
+            middle = len(rows) // 2
+            return await self._insert_isolating(rows[:middle]) + await self._insert_isolating(rows[middle:])
+        metrics.insert_rows.observe(len(rows))
+        self.state.recovered(len(rows))
+        return []
+
+    async def _retry_sink(self, call: Any) -> Any:
+        """Run `call` until ClickHouse answers; RowsRejected propagates at once."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(SinkUnavailable),
+            wait=wait_exponential_jitter(initial=0.5, max=self.backoff_max_s, jitter=1.0),
+            stop=stop_never,
+            before_sleep=self._on_sink_unavailable,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await call()
+        return None  # pragma: no cover - stop_never
+
+    def _on_sink_unavailable(self, retry_state: RetryCallState) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        reason = str(exc) if exc else "unknown"
+        if not self.state.waiting:
+            log.error("ClickHouse unavailable, holding the batch and retrying: %s", reason)
+        self.state.wait(reason)
+        metrics.sink_retries.inc()
