@@ -1,14 +1,19 @@
 """memsync configuration: the environment turned into one typed, validated object.
 
-Every variable the service reads is declared here and nowhere else. An invalid value raises
-`SettingsError` naming the variable, so a worker with a bad configuration stops at start with a
-message an operator can act on. Secrets may come from `NAME` or from a file named by `NAME_FILE`
-(Kubernetes Secret volumes); they are held in `Secret`, whose repr never shows the value.
+Every variable the service reads is declared here and nowhere else, and documented in `ENV_VARIABLES`
+(the README's configuration table is checked against it). An invalid value raises `SettingsError`
+naming the variable, so a worker with a bad configuration stops at start with a message an operator can
+act on. Secrets may come from `NAME` or from a file named by `NAME_FILE` (Kubernetes Secret volumes);
+they are held in `Secret`, whose repr never shows the value, and no error message quotes them.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from croniter import croniter
+from pymongo.uri_parser import parse_userinfo, split_hosts, split_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,25 +29,50 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 CODECS = ("avro", "json")
 CLICKHOUSE_SCHEMES = ("clickhouse", "clickhouses", "chdb")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class SettingsError(ValueError):
     """A configuration variable is missing or invalid; the message names it."""
 
 
-@dataclass(frozen=True)
 class Secret:
-    """A credential. Never printed: repr and str are masked."""
+    """A credential. Never printed: repr and str are masked.
 
-    value: str = field(repr=False)
+    Deliberately not a dataclass: `dataclasses.asdict(settings)` copies a Secret as an object (still
+    masked) instead of unpacking its value into a plain dict that someone might log.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    @property
+    def value(self) -> str:
+        return self._value
 
     def __repr__(self) -> str:
-        return "Secret('***')" if self.value else "Secret('')"
+        return "Secret('***')" if self._value else "Secret('')"
 
     __str__ = __repr__
 
+    def __format__(self, spec: str) -> str:
+        return format(repr(self), spec)
+
     def __bool__(self) -> bool:
-        return bool(self.value)
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+
+# Shared defaults are safe: a Secret cannot be changed after construction.
+NO_SECRET = Secret("")
+_DEFAULT_MONGODB_URI = Secret("mongodb://mongodb:27017/")
 
 
 @dataclass(frozen=True)
@@ -53,7 +84,7 @@ class ClickHouseTarget:
     port: int = 9000
     database: str = "default"
     user: str = "default"
-    password: Secret = Secret("")
+    password: Secret = NO_SECRET
     secure: bool = False
     ca_file: str | None = None
     path: str = ""  # chdb data directory
@@ -71,11 +102,20 @@ class KafkaSecurity:
     protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "PLAIN"
     sasl_username: str = ""
-    sasl_password: Secret = Secret("")
+    sasl_password: Secret = NO_SECRET
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    key_password: Secret = NO_SECRET
     check_hostname: bool = True
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol in ("SASL_PLAINTEXT", "SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -92,7 +132,7 @@ class Settings:
     dlq_retention_ms: int = 7 * 24 * 3600 * 1000
     kafka_security: KafkaSecurity = KafkaSecurity()
     codec: str = "avro"
-    mongodb_uri: Secret = Secret("mongodb://mongodb:27017/")
+    mongodb_uri: Secret = _DEFAULT_MONGODB_URI
     mongodb_database: str = "memory"
     sync_collections: tuple[str, ...] = ("contexts", "episodes", "facts")
     clickhouse: ClickHouseTarget = ClickHouseTarget(backend="server", host="clickhouse")
@@ -132,6 +172,7 @@ class Settings:
             "consumer_group": self.consumer_group,
             "topic_partitions": self.topic_partitions,
             "codec": self.codec,
+            "mongodb": redact_mongodb_uri(self.mongodb_uri.value),
             "mongodb_database": self.mongodb_database,
             "sync_collections": list(self.sync_collections),
             "clickhouse": self.clickhouse.describe(),
@@ -146,7 +187,129 @@ class Settings:
         }
 
 
+# ------------------------------------------------------------------ the documented variables
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable: its name, its default as written in the environment, its meaning.
+
+    A default in parentheses is a description ("(unset)", "(the host name)"), not a literal value.
+    `has_file` marks secrets that may instead be read from the file named by `<name>_FILE`.
+    """
+
+    name: str
+    default: str
+    meaning: str
+    has_file: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, f"{self.name}_FILE") if self.has_file else (self.name,)
+
+
+def _secret_var(name: str, default: str, meaning: str) -> EnvVar:
+    return EnvVar(
+        name, default, f"{meaning} Secret: or the contents of the file named by `{name}_FILE`.", True
+    )
+
+
+ENV_VARIABLES: tuple[EnvVar, ...] = (
+    # Kafka
+    EnvVar("ENABLE_REALTIME_SYNC", "true",
+           "Consume `KAFKA_SYNC_TOPIC` (the real-time path); `false` leaves batch reconciliation and "
+           "retention only."),
+    EnvVar("KAFKA_BOOTSTRAP_SERVERS", "kafka:9092", "Kafka brokers, `host:port[,host:port...]`."),
+    EnvVar("KAFKA_SYNC_TOPIC", "memory.sync.events", "Topic of `MemorySyncEvent` records."),
+    EnvVar("KAFKA_DLQ_TOPIC", "(`KAFKA_SYNC_TOPIC`.dlq)",
+           "Dead-letter topic: events that failed every retry, with the error."),
+    EnvVar("KAFKA_RETRY_TOPIC", "(`KAFKA_SYNC_TOPIC`.retry)",
+           "Topic of events waiting for their next retry."),
+    EnvVar("KAFKA_CONTROL_TOPIC", "memsync.control",
+           "Topic of control messages between workers (e.g. scheduled-job triggers)."),
+    EnvVar("KAFKA_CONSUMER_GROUP", "memory-sync-consumer",
+           "Consumer group and Faust application id (also the prefix of the table changelog topics)."),
+    EnvVar("KAFKA_TOPIC_PARTITIONS", "8",
+           "Partitions of the topics memsync creates (1-1024); the upper bound on worker parallelism."),
+    EnvVar("KAFKA_REPLICATION_FACTOR", "1", "Replication factor of the topics memsync creates (1-16)."),
+    EnvVar("KAFKA_DLQ_RETENTION_MS", "604800000", "Retention of the dead-letter topic, ms (7 days)."),
+    EnvVar("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+           "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (production)."),
+    EnvVar("KAFKA_SASL_MECHANISM", "PLAIN",
+           "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; only with a `SASL_*` protocol."),
+    EnvVar("KAFKA_SASL_USERNAME", "(unset)", "SASL user; required with a `SASL_*` protocol."),
+    _secret_var("KAFKA_SASL_PASSWORD", "(unset)", "SASL password; required with a `SASL_*` protocol."),
+    EnvVar("KAFKA_SSL_CA_FILE", "(system trust store)",
+           "PEM file of the CA(s) that signed the brokers' certificates; `SSL`/`SASL_SSL` only."),
+    EnvVar("KAFKA_SSL_CERT_FILE", "(unset)",
+           "PEM client certificate for mutual TLS; set together with `KAFKA_SSL_KEY_FILE`."),
+    EnvVar("KAFKA_SSL_KEY_FILE", "(unset)", "PEM private key of `KAFKA_SSL_CERT_FILE`."),
+    _secret_var("KAFKA_SSL_KEY_PASSWORD", "(unset)", "Password of an encrypted `KAFKA_SSL_KEY_FILE`."),
+    EnvVar("KAFKA_SSL_CHECK_HOSTNAME", "true",
+           "Check that the broker certificate names the host connected to. `false` skips only the name "
+           "check; the certificate chain is always verified."),
+    # Events
+    EnvVar("EVENT_CODEC", "avro", "Wire format of events: `avro` (schemaless fastavro) or `json`."),
+    EnvVar("EVENT_SCHEMA_PATH", "(schemas/memory-sync-event.avsc)", "Avro schema of `MemorySyncEvent`."),
+    EnvVar("MAX_DOCUMENT_BYTES", "1000000",
+           "Largest `data` document accepted (>= 1024); larger events go to the dead-letter topic."),
+    # MongoDB
+    _secret_var("MONGODB_URI", "mongodb://mongodb:27017/",
+                "MongoDB connection string (`mongodb://` or `mongodb+srv://`), with credentials and TLS "
+                "options such as `tls=true&tlsCAFile=...` passed through to the driver."),
+    EnvVar("MONGODB_DATABASE", "memory", "Database of the operational documents."),
+    EnvVar("SYNC_COLLECTIONS", "contexts,episodes,facts",
+           "Comma-separated collections the batch reconciliation reads."),
+    # ClickHouse
+    EnvVar("CLICKHOUSE_URL", "clickhouse://default@clickhouse:9000/default",
+           "`clickhouse://user@host:port/database` (native protocol), `clickhouses://...` (TLS, port "
+           "9440 by default) or `chdb:///path` (embedded). No password in the URL."),
+    _secret_var("CLICKHOUSE_PASSWORD", "(empty)", "Password of the ClickHouse user."),
+    EnvVar("CLICKHOUSE_CA_FILE", "(system trust store)",
+           "PEM CA file that verifies the server certificate; `clickhouses://` only."),
+    EnvVar("CLICKHOUSE_HISTORY_TABLE", "operational_context_history", "The history table."),
+    # Sink and idempotency
+    EnvVar("SINK_BATCH_MAX_EVENTS", "20000", "Most events written to ClickHouse in one insert."),
+    EnvVar("SINK_BATCH_WITHIN_SECONDS", "1.0", "Longest wait to fill a sink batch, seconds (> 0)."),
+    EnvVar("SINK_BACKOFF_MAX_SECONDS", "30.0",
+           "Cap of the exponential backoff while ClickHouse is unavailable, seconds (> 0)."),
+    EnvVar("IDEMPOTENCY_HORIZON_HOURS", "168",
+           "How long processed event ids are remembered in the RocksDB table, hours."),
+    # Batch reconciliation and retention
+    EnvVar("BATCH_SIZE", "1000", "Documents per MongoDB read of the batch reconciliation (1-100000)."),
+    EnvVar("SYNC_LOOKBACK_HOURS", "24", "The batch reconciliation reads documents changed this recently."),
+    EnvVar("RECONCILE_SCHEDULE", "0 2 * * *", "5-field cron expression (UTC) of the batch reconciliation."),
+    EnvVar("RETENTION_SCHEDULE", "0 3 * * *", "5-field cron expression (UTC) of retention enforcement."),
+    EnvVar("RETENTION_POLICIES_FILE", "(unset)",
+           "JSON file of per-`data_type` retention policies; not together with `RETENTION_POLICIES`."),
+    EnvVar("RETENTION_POLICIES", "(unset)", "The same policies inline, as JSON."),
+    # Worker
+    EnvVar("MEMSYNC_DATA_DIR", "(data/ in the checkout)",
+           "Worker state (RocksDB tables); one per worker, never shared."),
+    EnvVar("WEB_PORT", "6066", "Port of the web views, probes and metrics."),
+    EnvVar("WEB_BIND", "0.0.0.0", "Address the web server listens on."),
+    EnvVar("WEB_TABLE_ROUTES_ENABLED", "false",
+           "Serve Faust's `/router/` and `/table/...` views (they show table contents)."),
+    EnvVar("WORKER_ID", "(the host name)", "Name of this worker in metrics, logs and dead letters."),
+    EnvVar("LOG_LEVEL", "info", "`debug`, `info`, `warning` or `error`."),
+)
+
+ENV_NAMES: frozenset[str] = frozenset(name for var in ENV_VARIABLES for name in var.names)
+
+
 # ------------------------------------------------------------------ parsing helpers
+
+_LABEL = r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def _valid_host(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            return False
+    return bool(_HOSTNAME.match(host))
 
 
 class _Env:
@@ -197,8 +360,8 @@ class _Env:
             number = float(value)
         except ValueError:
             raise SettingsError(f"{name} must be a number, got {value!r}") from None
-        if number <= minimum:
-            raise SettingsError(f"{name} must be > {minimum}, got {number}")
+        if not math.isfinite(number) or number <= minimum:
+            raise SettingsError(f"{name} must be a finite number > {minimum}, got {value!r}")
         return number
 
     def choice(self, name: str, default: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
@@ -211,16 +374,25 @@ class _Env:
         return normalized
 
     def secret(self, name: str, default: str = "") -> Secret:
-        """`NAME` or the contents of the file named by `NAME_FILE` (never both)."""
-        direct = self.env.get(name)
+        """`NAME` or the contents of the file named by `NAME_FILE` (never both).
+
+        Messages name the variable and the file, never the value.
+        """
+        direct = self.raw(name)
         file_name = self.raw(f"{name}_FILE")
         if direct and file_name:
             raise SettingsError(f"set {name} or {name}_FILE, not both")
         if file_name:
             try:
-                return Secret(Path(file_name).read_text().strip())
+                value = Path(file_name).read_text().strip()
             except OSError as exc:
-                raise SettingsError(f"{name}_FILE: cannot read {file_name!r}: {exc.strerror}") from None
+                reason = exc.strerror or type(exc).__name__
+                raise SettingsError(f"{name}_FILE: cannot read {file_name!r}: {reason}") from None
+            except UnicodeDecodeError:
+                raise SettingsError(f"{name}_FILE: {file_name!r} is not UTF-8 text") from None
+            if not value:
+                raise SettingsError(f"{name}_FILE: {file_name!r} is empty")
+            return Secret(value)
         return Secret(direct if direct is not None else default)
 
     def existing_file(self, name: str) -> str | None:
@@ -231,8 +403,10 @@ class _Env:
 
     def cron(self, name: str, default: str) -> str:
         value = self.str(name, default)
-        if not croniter.is_valid(value) or len(value.split()) != 5:
-            raise SettingsError(f"{name} must be a 5-field cron expression, got {value!r}")
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise SettingsError(
+                f"{name} must be a 5-field cron expression (minute hour day month weekday), got {value!r}"
+            )
         return value
 
     def names(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -250,8 +424,15 @@ def _bootstrap_servers(env: _Env) -> tuple[str, ...]:
     servers = env.names(name, ("kafka:9092",))
     for server in servers:
         host, sep, port = server.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise SettingsError(f"{name} must be host:port[,host:port...], got {server!r}")
+        if (
+            not sep
+            or not _valid_host(host)
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+        ):
+            raise SettingsError(
+                f"{name} must be host:port[,host:port...] (no scheme), got {server!r}"
+            )
     return servers
 
 
@@ -260,71 +441,184 @@ def _kafka_security(env: _Env) -> KafkaSecurity:
     mechanism = env.choice("KAFKA_SASL_MECHANISM", "PLAIN", SASL_MECHANISMS, upper=True)
     username = env.str("KAFKA_SASL_USERNAME", "")
     password = env.secret("KAFKA_SASL_PASSWORD")
-    if protocol.startswith("SASL") and not (username and password):
-        raise SettingsError(
-            f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD "
-            "(or KAFKA_SASL_PASSWORD_FILE)"
-        )
+    ca_file = env.existing_file("KAFKA_SSL_CA_FILE")
     cert_file = env.existing_file("KAFKA_SSL_CERT_FILE")
     key_file = env.existing_file("KAFKA_SSL_KEY_FILE")
-    if bool(cert_file) != bool(key_file):
-        raise SettingsError("KAFKA_SSL_CERT_FILE and KAFKA_SSL_KEY_FILE must be set together")
-    return KafkaSecurity(
+    key_password = env.secret("KAFKA_SSL_KEY_PASSWORD")
+    security = KafkaSecurity(
         protocol=protocol,
         sasl_mechanism=mechanism,
         sasl_username=username,
         sasl_password=password,
-        ca_file=env.existing_file("KAFKA_SSL_CA_FILE"),
+        ca_file=ca_file,
         cert_file=cert_file,
         key_file=key_file,
+        key_password=key_password,
         check_hostname=env.bool("KAFKA_SSL_CHECK_HOSTNAME", True),
     )
+    if security.uses_sasl and not (username and password):
+        raise SettingsError(
+            f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD "
+            "(or KAFKA_SASL_PASSWORD_FILE)"
+        )
+    # A credential the protocol would silently ignore is almost always a forgotten
+    # KAFKA_SECURITY_PROTOCOL; the broker's refusal that follows is much harder to read than this.
+    if not security.uses_sasl:
+        given = [
+            name for name, value in (
+                ("KAFKA_SASL_USERNAME", username),
+                ("KAFKA_SASL_PASSWORD", password),
+            ) if value
+        ]
+        if given:
+            raise SettingsError(
+                f"{', '.join(given)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL; "
+                "use SASL_SSL or SASL_PLAINTEXT, or unset them"
+            )
+    if not security.uses_tls:
+        given = [
+            name for name, value in (
+                ("KAFKA_SSL_CA_FILE", ca_file),
+                ("KAFKA_SSL_CERT_FILE", cert_file),
+                ("KAFKA_SSL_KEY_FILE", key_file),
+                ("KAFKA_SSL_KEY_PASSWORD", key_password),
+            ) if value
+        ]
+        if given:
+            raise SettingsError(
+                f"{', '.join(given)} set but KAFKA_SECURITY_PROTOCOL={protocol} does not use TLS; "
+                "use SSL or SASL_SSL, or unset them"
+            )
+    if bool(cert_file) != bool(key_file):
+        raise SettingsError("KAFKA_SSL_CERT_FILE and KAFKA_SSL_KEY_FILE must be set together")
+    if key_password and not key_file:
+        raise SettingsError("KAFKA_SSL_KEY_PASSWORD is set but KAFKA_SSL_KEY_FILE is not")
+    return security
 
 
 def _clickhouse(env: _Env) -> ClickHouseTarget:
     name = "CLICKHOUSE_URL"
     url = env.str(name, "clickhouse://default@clickhouse:9000/default")
-    parts = urlsplit(url)
+    password = env.secret("CLICKHOUSE_PASSWORD")
+    ca_file = env.existing_file("CLICKHOUSE_CA_FILE")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise SettingsError(f"{name} is not a URL") from None
     if parts.scheme not in CLICKHOUSE_SCHEMES:
         raise SettingsError(
             f"{name} must start with clickhouse://, clickhouses:// or chdb://, got scheme {parts.scheme!r}"
+        )
+    if parts.query or parts.fragment:
+        # Options in the URL would be silently dropped: every supported option has its own variable.
+        raise SettingsError(
+            f"{name} must not carry ?options or #fragments; use clickhouses:// for TLS and "
+            "CLICKHOUSE_CA_FILE for its CA"
         )
     if parts.scheme == "chdb":
         path = unquote(parts.netloc + parts.path)
         if not path:
             raise SettingsError(f"{name}: chdb:// needs a data directory, e.g. chdb:///var/lib/memsync/ch")
+        for unused, value in (("CLICKHOUSE_PASSWORD", password), ("CLICKHOUSE_CA_FILE", ca_file)):
+            if value:
+                raise SettingsError(f"{unused} is set but {name} is chdb://, which has no server")
         return ClickHouseTarget(backend="chdb", path=path)
     try:
         port = parts.port
     except ValueError:
-        raise SettingsError(f"{name} has an invalid port") from None
-    if not parts.hostname:
-        raise SettingsError(f"{name} must name a host, e.g. clickhouse://default@clickhouse:9000/default")
-    if parts.password:
+        raise SettingsError(f"{name} has an invalid port (1-65535)") from None
+    if parts.password is not None:
         raise SettingsError(
             f"{name} must not carry a password; use CLICKHOUSE_PASSWORD or CLICKHOUSE_PASSWORD_FILE"
         )
+    if not parts.hostname or not _valid_host(
+        f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    ):
+        raise SettingsError(f"{name} must name a host, e.g. clickhouse://default@clickhouse:9000/default")
+    if port == 0:
+        raise SettingsError(f"{name} has an invalid port (1-65535)")
     database = parts.path.lstrip("/") or "default"
     if not database.replace("_", "").isalnum():
         raise SettingsError(f"{name}: database name {database!r} must be letters, digits and underscores")
     secure = parts.scheme == "clickhouses"
+    if ca_file and not secure:
+        raise SettingsError(f"CLICKHOUSE_CA_FILE is set but {name} is clickhouse://; use clickhouses://")
     return ClickHouseTarget(
         backend="server",
         host=parts.hostname,
         port=port or (9440 if secure else 9000),
         database=database,
         user=unquote(parts.username or "default"),
-        password=env.secret("CLICKHOUSE_PASSWORD"),
+        password=password,
         secure=secure,
-        ca_file=env.existing_file("CLICKHOUSE_CA_FILE"),
+        ca_file=ca_file,
     )
 
 
+_SENSITIVE_MONGO_OPTIONS = ("password", "secret", "token", "authmechanismproperties")
+
+
 def _mongodb_uri(env: _Env) -> Secret:
-    uri = env.secret("MONGODB_URI", "mongodb://mongodb:27017/")
-    if not uri.value.startswith(("mongodb://", "mongodb+srv://")):
-        raise SettingsError("MONGODB_URI must start with mongodb:// or mongodb+srv://")
+    """Validated without network access (no SRV lookup); errors never quote the URI."""
+    name = "MONGODB_URI"
+    uri = env.secret(name, "mongodb://mongodb:27017/")
+    try:
+        _split_mongodb_uri(uri.value, validate_options=True)
+    except SettingsError:
+        raise
+    except Exception as exc:  # pymongo raises InvalidURI, ConfigurationError, ValueError, OSError...
+        reason = _scrub(exc, uri.value)
+        raise SettingsError(f"{name} is not a valid MongoDB connection string: {reason}") from None
     return uri
+
+
+def _split_mongodb_uri(uri: str, *, validate_options: bool) -> tuple[str, str, str, str]:
+    """(scheme, user, hosts, database); raises on anything the driver would refuse."""
+    name = "MONGODB_URI"
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("mongodb", "mongodb+srv"):
+        raise SettingsError(f"{name} must start with mongodb:// or mongodb+srv://")
+    head, _, options = rest.partition("?")
+    hosts, _, database = head.partition("/")
+    user = ""
+    if "@" in hosts:
+        userinfo, _, hosts = hosts.rpartition("@")
+        user, _ = parse_userinfo(userinfo)
+    if not hosts:
+        raise SettingsError(f"{name} must name at least one host")
+    nodes = split_hosts(hosts, default_port=None if scheme == "mongodb+srv" else 27017)
+    if scheme == "mongodb+srv" and (len(nodes) != 1 or nodes[0][1] is not None):
+        raise SettingsError(f"{name}: mongodb+srv:// takes exactly one host name and no port")
+    if options and validate_options:
+        split_options(options, validate=True, warn=False)
+    return scheme, user, hosts, unquote(database)
+
+
+def _scrub(exc: BaseException, uri: str) -> str:
+    """The driver's message with anything secret from the URI masked (defence in depth)."""
+    message = str(exc)
+    secrets: list[str] = []
+    _, _, rest = uri.partition("://")
+    userinfo = rest.partition("?")[0].partition("/")[0].rpartition("@")[0]
+    if userinfo:
+        secrets += [userinfo, *userinfo.split(":", 1), unquote(userinfo)]
+    for pair in rest.partition("?")[2].split("&"):
+        key, _, value = pair.partition("=")
+        if value and any(word in key.lower() for word in _SENSITIVE_MONGO_OPTIONS):
+            secrets += [value, unquote(value)]
+    for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
+def redact_mongodb_uri(uri: str) -> str:
+    """`scheme://user:***@hosts/database`, dropping options (some carry secrets) for logs and views."""
+    try:
+        scheme, user, hosts, database = _split_mongodb_uri(uri, validate_options=False)
+    except Exception:  # never let a description raise, nor echo what it could not parse
+        return "(invalid MongoDB URI)"
+    credentials = f"{user}:***@" if user else ""
+    return f"{scheme}://{credentials}{hosts}/{database}"
 
 
 def _identifier(env: _Env, name: str, default: str) -> str:
@@ -336,15 +630,54 @@ def _identifier(env: _Env, name: str, default: str) -> str:
 
 def _topic(env: _Env, name: str, default: str) -> str:
     value = env.str(name, default)
-    if not all(ch.isalnum() or ch in "._-" for ch in value) or len(value) > 249:
+    if not all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in value) or len(value) > 249:
+        raise SettingsError(f"{name} is not a valid Kafka topic name: {value!r}")
+    if value in (".", ".."):
         raise SettingsError(f"{name} is not a valid Kafka topic name: {value!r}")
     return value
+
+
+def _web_bind(env: _Env) -> str:
+    name = "WEB_BIND"
+    value = env.str(name, "0.0.0.0")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _valid_host(value):
+            raise SettingsError(f"{name} must be an IP address or a host name, got {value!r}") from None
+    return value
+
+
+def _retention_policies(env: _Env) -> tuple[str | None, str | None]:
+    policies_file = env.existing_file("RETENTION_POLICIES_FILE")
+    inline = env.raw("RETENTION_POLICIES")
+    if policies_file and inline:
+        raise SettingsError("set RETENTION_POLICIES or RETENTION_POLICIES_FILE, not both")
+    if inline is not None:
+        try:
+            json.loads(inline)
+        except ValueError as exc:
+            raise SettingsError(f"RETENTION_POLICIES is not valid JSON: {exc}") from None
+    return policies_file, inline
+
+
+def _path(env: _Env, name: str, default: Path, *, must_exist: bool = False) -> Path:
+    value = env.raw(name)
+    if value is None:
+        return default
+    path = Path(value)
+    if must_exist and not path.is_file():
+        raise SettingsError(f"{name} names a file that does not exist: {value!r}")
+    if not must_exist and path.exists() and not path.is_dir():
+        raise SettingsError(f"{name} must be a directory, got the file {value!r}")
+    return path
 
 
 def _parse(mapping: Mapping[str, str]) -> Settings:
     env = _Env(mapping)
     defaults = Settings.__dataclass_fields__
     sync_topic = _topic(env, "KAFKA_SYNC_TOPIC", "memory.sync.events")
+    retention_policies_file, retention_policies_json = _retention_policies(env)
     return Settings(
         enable_realtime_sync=env.bool("ENABLE_REALTIME_SYNC", True),
         kafka_bootstrap_servers=_bootstrap_servers(env),
@@ -372,13 +705,13 @@ def _parse(mapping: Mapping[str, str]) -> Settings:
         idempotency_horizon_hours=env.int("IDEMPOTENCY_HORIZON_HOURS", 168),
         reconcile_schedule=env.cron("RECONCILE_SCHEDULE", "0 2 * * *"),
         retention_schedule=env.cron("RETENTION_SCHEDULE", "0 3 * * *"),
-        retention_policies_file=env.existing_file("RETENTION_POLICIES_FILE"),
-        retention_policies_json=env.raw("RETENTION_POLICIES"),
-        data_dir=Path(env.str("MEMSYNC_DATA_DIR", str(defaults["data_dir"].default))),
+        retention_policies_file=retention_policies_file,
+        retention_policies_json=retention_policies_json,
+        data_dir=_path(env, "MEMSYNC_DATA_DIR", defaults["data_dir"].default),
         web_port=env.int("WEB_PORT", 6066, maximum=65535),
-        web_bind=env.str("WEB_BIND", "0.0.0.0"),
+        web_bind=_web_bind(env),
         web_table_routes_enabled=env.bool("WEB_TABLE_ROUTES_ENABLED", False),
         worker_id=env.str("WORKER_ID", socket.gethostname()),
-        log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
-        schema_path=Path(env.str("EVENT_SCHEMA_PATH", str(defaults["schema_path"].default))),
+        log_level=env.choice("LOG_LEVEL", "info", LOG_LEVELS),
+        schema_path=_path(env, "EVENT_SCHEMA_PATH", defaults["schema_path"].default, must_exist=True),
     )
