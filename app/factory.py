@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import ssl
 from datetime import UTC
 
 import faust
 
+from app.kafka_clients import kafka_ssl_context, redact_sasl_logging
 from app.settings import KafkaSecurity, Settings
-
-
-def kafka_ssl_context(security: KafkaSecurity) -> ssl.SSLContext:
-    """A verifying client context: the CA file if given, else the system's trust store."""
-    context = ssl.create_default_context(cafile=security.ca_file)
-    context.check_hostname = security.check_hostname
-    if security.cert_file and security.key_file:
-        context.load_cert_chain(security.cert_file, security.key_file)
-    return context
 
 
 def kafka_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT | None:
     """Faust credentials for KAFKA_SECURITY_PROTOCOL.
 
     Faust's SASLCredentials silently means SASL_PLAINTEXT unless it is given an SSL context, so
-    SASL_SSL always passes one.
+    SASL_SSL always passes one (tests/integration/test_kafka_security.py proves the broker sees TLS).
     """
     protocol = security.protocol
     if protocol == "PLAINTEXT":
         return None
     if protocol == "SSL":
         return faust.SSLCredentials(kafka_ssl_context(security))
+    redact_sasl_logging()
     return faust.SASLCredentials(
         username=security.sasl_username,
         password=security.sasl_password.value,

@@ -1,0 +1,353 @@
+"""Kafka security against a real broker: SASL_SSL (SCRAM/PLAIN), SSL with client certificates and
+SASL_PLAINTEXT, as configured through memsync's environment variables.
+
+The broker is this module's own (tests/kafka_secure_broker.py), not the local stack's PLAINTEXT one:
+self-signed CA generated here, SCRAM users created with Kafka's StorageTool, stopped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import GroupCoordinatorNotAvailableError
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+from app.factory import create_app, kafka_credentials
+from app.kafka_clients import KafkaConnectError, kafka_client_kwargs, kafka_security_kwargs, start_client
+from app.settings import ENV_NAMES, Settings
+from tests.kafka_secure_broker import (
+    ROOT,
+    SecureBroker,
+    free_port,
+    make_pki,
+    running_secure_broker,
+    spawn,
+    stop_process,
+)
+
+pytestmark = pytest.mark.integration
+
+FAUST = str(Path(sys.executable).with_name("faust"))
+WRONG_PASSWORD_REASON = (
+    "Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512"
+)
+# Unused ports: the worker must start without MongoDB or ClickHouse (the sink waits for them).
+UNREACHABLE = {
+    "MONGODB_URI": "mongodb://127.0.0.1:9/",
+    "CLICKHOUSE_URL": "clickhouse://default@127.0.0.1:9/default",
+}
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    with running_secure_broker(tmp_path_factory.mktemp("secure-kafka")) as running:
+        yield running
+
+
+def _no_sasl(**env: str) -> dict[str, str]:
+    """Overrides that unset the SASL variables of `SecureBroker.memsync_env`."""
+    return {"KAFKA_SASL_MECHANISM": "", "KAFKA_SASL_USERNAME": "", "KAFKA_SASL_PASSWORD_FILE": "", **env}
+
+
+def _settings(broker: SecureBroker, **overrides: str) -> Settings:
+    return Settings.from_env(broker.memsync_env(**overrides))
+
+
+async def _list_topics(settings: Settings) -> list[str]:
+    admin = AIOKafkaAdminClient(request_timeout_ms=10_000, **kafka_client_kwargs(settings))
+    try:
+        await asyncio.wait_for(start_client(admin, settings), 30)
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def _connect_error(settings: Settings) -> str:
+    with pytest.raises(KafkaConnectError) as caught:
+        asyncio.run(_list_topics(settings))
+    return str(caught.value)
+
+
+def _worker_env(broker: SecureBroker, workdir: Path, group: str, **overrides: str) -> dict[str, str]:
+    # Nothing from the caller's environment that memsync reads: the test decides every variable.
+    inherited = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
+    return {
+        **inherited,
+        **broker.memsync_env(),
+        **UNREACHABLE,
+        "WEB_PORT": str(free_port()),
+        "WEB_BIND": "127.0.0.1",
+        "MEMSYNC_DATA_DIR": str(workdir / "data"),
+        "KAFKA_CONSUMER_GROUP": group,
+        "KAFKA_SYNC_TOPIC": f"{group}.events",
+        "KAFKA_CONTROL_TOPIC": f"{group}.control",
+        "WORKER_ID": group,
+        **overrides,
+    }
+
+
+def _run_worker_to_exit(env: dict[str, str], log: Path, timeout: float = 45.0) -> tuple[int | None, str]:
+    process = spawn([FAUST, "-A", "app", "worker", "-l", "info"], log=log, env=env, cwd=ROOT)
+    try:
+        process.wait(timeout)
+    except Exception:
+        pass
+    finally:
+        code = stop_process(process)
+    return code, log.read_text(errors="replace")
+
+
+# ---------------------------------------------------------------- mapping (no broker needed)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "mechanism"),
+    [("SSL", ""), ("SASL_SSL", "SCRAM-SHA-512"), ("SASL_SSL", "PLAIN"), ("SASL_PLAINTEXT", "SCRAM-SHA-256")],
+)
+def test_faust_credentials_keep_the_configured_protocol(tmp_path, protocol, mechanism):
+    """Faust's SASLCredentials means SASL_PLAINTEXT unless given an SSL context: ours never downgrade."""
+    ca = make_pki(tmp_path).ca_cert
+    env = {"KAFKA_SECURITY_PROTOCOL": protocol}
+    if protocol.startswith("SASL"):
+        env |= {"KAFKA_SASL_MECHANISM": mechanism, "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"}
+    if protocol.endswith("SSL"):
+        env["KAFKA_SSL_CA_FILE"] = str(ca)
+    security = Settings.from_env(env).kafka_security
+    faust_auth = credentials_to_aiokafka_auth(kafka_credentials(security))
+    plain_auth = kafka_security_kwargs(security)
+    assert faust_auth["security_protocol"] == plain_auth["security_protocol"] == protocol
+    if protocol.startswith("SASL"):
+        assert faust_auth["sasl_mechanism"] == plain_auth["sasl_mechanism"] == mechanism
+        assert faust_auth["sasl_plain_username"] == "u"
+    if protocol.endswith("SSL"):
+        for context in (faust_auth["ssl_context"], plain_auth["ssl_context"]):
+            assert context.verify_mode == ssl.CERT_REQUIRED
+            assert context.check_hostname
+    else:
+        assert faust_auth["ssl_context"] is None
+        assert "ssl_context" not in plain_auth
+
+
+# ---------------------------------------------------------------- what works
+
+
+@pytest.mark.parametrize(
+    ("listener", "overrides"),
+    [
+        ("sasl_ssl", {"KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"}),
+        ("sasl_ssl", {"KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}),
+        ("sasl_ssl", {"KAFKA_SASL_MECHANISM": "PLAIN"}),
+        ("sasl_plaintext", {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SSL_CA_FILE": "",
+                            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}),
+        ("ssl", _no_sasl(KAFKA_SECURITY_PROTOCOL="SSL", KAFKA_SSL_CERT_FILE="{client_cert}",
+                         KAFKA_SSL_KEY_FILE="{client_key}")),
+    ],
+    ids=["SASL_SSL-SCRAM-SHA-512", "SASL_SSL-SCRAM-SHA-256", "SASL_SSL-PLAIN", "SASL_PLAINTEXT-SCRAM-SHA-256",
+         "SSL-client-certificate"],
+)
+def test_every_protocol_connects_with_plain_clients(broker, listener, overrides):
+    port = {"sasl_ssl": broker.sasl_ssl_port, "ssl": broker.ssl_port,
+            "sasl_plaintext": broker.sasl_plaintext_port}[listener]
+    files = {"client_cert": str(broker.pki.client_cert), "client_key": str(broker.pki.client_key)}
+    env = {key: value.format(**files) for key, value in overrides.items()}
+    settings = _settings(broker, KAFKA_BOOTSTRAP_SERVERS=broker.address(port), **env)
+    assert settings.kafka_security.protocol == env.get("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    # Metadata came back: the broker accepted the connection and the authentication.
+    assert isinstance(asyncio.run(_list_topics(settings)), list)
+
+
+def test_faust_app_produces_and_plain_consumer_reads_over_sasl_ssl(broker, tmp_path):
+    topic_name = f"secure-{uuid.uuid4().hex[:10]}"
+    settings = _settings(broker, MEMSYNC_DATA_DIR=str(tmp_path), KAFKA_CONSUMER_GROUP=topic_name)
+    faust_app = create_app(settings)
+    records = [(f"k{i}".encode(), f"v{i}".encode()) for i in range(5)]
+
+    async def round_trip() -> list[tuple[bytes, bytes]]:
+        await asyncio.wait_for(faust_app.maybe_start_producer(), 30)
+        try:
+            topic = faust_app.topic(
+                topic_name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                value_serializer="raw", partitions=1, replicas=1,
+            )
+            await topic.maybe_declare()
+            for key, value in records:
+                await (await topic.send(key=key, value=value))
+            await faust_app.producer.flush()
+        finally:
+            await faust_app.producer.stop()
+        consumer = AIOKafkaConsumer(
+            topic_name, auto_offset_reset="earliest", enable_auto_commit=False,
+            **kafka_client_kwargs(settings),
+        )
+        await asyncio.wait_for(start_client(consumer, settings), 30)
+        received: list[tuple[bytes, bytes]] = []
+        try:
+            deadline = time.monotonic() + 30
+            while len(received) < len(records) and time.monotonic() < deadline:
+                for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                    received.extend((r.key, r.value) for r in batch)
+        finally:
+            await consumer.stop()
+        return received
+
+    assert asyncio.run(round_trip()) == records
+
+
+def test_plain_producer_and_admin_work_over_sasl_ssl(broker):
+    settings = _settings(broker)
+    topic_name = f"plain-{uuid.uuid4().hex[:10]}"
+
+    async def produce() -> int:
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+        await start_client(admin, settings)
+        try:
+            await admin.create_topics([NewTopic(topic_name, num_partitions=1, replication_factor=1)])
+        finally:
+            await admin.close()
+        producer = AIOKafkaProducer(acks="all", **kafka_client_kwargs(settings))
+        await start_client(producer, settings)
+        try:
+            metadata = await producer.send_and_wait(topic_name, b"value", key=b"key")
+        finally:
+            await producer.stop()
+        return metadata.offset
+
+    assert asyncio.run(produce()) == 0
+
+
+def _group_members(settings: Settings, group: str) -> tuple[str, int]:
+    async def describe() -> tuple[str, int]:
+        admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+        await start_client(admin, settings)
+        try:
+            [response] = await admin.describe_consumer_groups([group])
+        except GroupCoordinatorNotAvailableError:
+            return "(the broker is still creating __consumer_offsets)", 0
+        finally:
+            await admin.close()
+        _error, _group, state, _protocol_type, _protocol, members, *_ = response.groups[0]
+        return state, len(members)
+
+    return asyncio.run(describe())
+
+
+def _http_get(port: int, path: str) -> tuple[int, bytes] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError:
+        return None
+
+
+def test_worker_joins_its_group_over_sasl_ssl(broker, tmp_path):
+    group = f"secure-worker-{uuid.uuid4().hex[:8]}"
+    env = _worker_env(broker, tmp_path, group)
+    log = tmp_path / "worker.log"
+    process = spawn([FAUST, "-A", "app", "worker", "-l", "info"], log=log, env=env, cwd=ROOT)
+    settings = _settings(broker)
+    try:
+        deadline = time.monotonic() + 60
+        state, members, health = "", 0, None
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"worker exited:\n{log.read_text(errors='replace')[-4000:]}"
+            state, members = _group_members(settings, group)
+            health = _http_get(int(env["WEB_PORT"]), "/healthz")
+            if state == "Stable" and members >= 1 and health is not None:
+                break
+            time.sleep(1)
+        tail = log.read_text(errors="replace")[-4000:]
+        assert (state, members) == ("Stable", 1), f"group {group} is {state} with {members} members\n{tail}"
+        assert health is not None, f"/healthz did not answer\n{tail}"
+        assert health[0] == 200, f"/healthz answered {health}\n{tail}"
+    finally:
+        stop_process(process, timeout=30)
+    assert "SaslAuthenticationFailed" not in log.read_text(errors="replace")
+
+
+# ---------------------------------------------------------------- what must fail, and how it reads
+
+
+def test_wrong_password_fails_with_authentication_failed(broker, tmp_path):
+    settings = _settings(broker, KAFKA_SASL_PASSWORD_FILE="", KAFKA_SASL_PASSWORD="not-the-password")
+    message = _connect_error(settings)
+    assert "SaslAuthenticationFailed" in message
+    assert WRONG_PASSWORD_REASON in message
+    assert "not-the-password" not in message
+    assert "Failed authentication with /127.0.0.1" in broker.log_tail(400)
+
+
+def test_worker_with_wrong_password_exits_naming_the_cause(broker, tmp_path):
+    group = f"wrong-password-{uuid.uuid4().hex[:8]}"
+    env = _worker_env(
+        broker, tmp_path, group, KAFKA_SASL_PASSWORD_FILE="", KAFKA_SASL_PASSWORD="not-the-password"
+    )
+    started = time.monotonic()
+    code, output = _run_worker_to_exit(env, tmp_path / "worker.log")
+    assert code not in (0, None), output[-3000:]
+    assert time.monotonic() - started < 40
+    assert f"[Error 58] SaslAuthenticationFailed: {WRONG_PASSWORD_REASON}" in output
+    assert "not-the-password" not in output
+
+
+def test_untrusted_ca_fails_with_certificate_verify_failed(broker, tmp_path, caplog):
+    settings = _settings(broker, KAFKA_SSL_CA_FILE=str(broker.pki.untrusted_ca_cert))
+    message = _connect_error(settings)
+    assert "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed" in message
+
+    # The Faust app built from the same settings refuses the broker as well.
+    faust_app = create_app(
+        _settings(broker, KAFKA_SSL_CA_FILE=str(broker.pki.untrusted_ca_cert), MEMSYNC_DATA_DIR=str(tmp_path))
+    )
+
+    async def start() -> None:
+        try:
+            await asyncio.wait_for(faust_app.maybe_start_producer(), 30)
+        finally:
+            await faust_app.producer.stop()
+
+    with caplog.at_level(logging.ERROR, logger="aiokafka"), pytest.raises(Exception, match="bootstrap"):
+        asyncio.run(start())
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+def test_system_trust_store_does_not_trust_a_private_ca(broker):
+    settings = _settings(broker, KAFKA_SSL_CA_FILE="")
+    assert "CERTIFICATE_VERIFY_FAILED" in _connect_error(settings)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        _no_sasl(KAFKA_SECURITY_PROTOCOL="PLAINTEXT", KAFKA_SSL_CA_FILE=""),
+        {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SSL_CA_FILE": ""},
+        _no_sasl(KAFKA_SECURITY_PROTOCOL="SSL"),
+    ],
+    ids=["PLAINTEXT", "SASL_PLAINTEXT", "SSL-without-SASL"],
+)
+def test_sasl_ssl_listener_rejects_plaintext_and_unauthenticated_clients(broker, overrides):
+    message = _connect_error(_settings(broker, **overrides))
+    assert "cannot connect to Kafka" in message
+    assert "closed" in message or "Authentication" in message
+
+
+def test_ssl_listener_requires_a_client_certificate(broker):
+    settings = _settings(
+        broker,
+        KAFKA_BOOTSTRAP_SERVERS=broker.address(broker.ssl_port),
+        **_no_sasl(KAFKA_SECURITY_PROTOCOL="SSL"),
+    )
+    assert "closed" in _connect_error(settings)
