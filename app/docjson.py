@@ -40,7 +40,9 @@ def normalise(document: Mapping[str, Any]) -> dict[str, Any]:
 
 def encode(document: Mapping[str, Any]) -> str:
     """Canonical Extended JSON of a document as read from MongoDB (call `normalise` first otherwise)."""
-    return json_util.dumps(document, json_options=CANONICAL_JSON_OPTIONS, separators=(",", ":"))
+    return json_util.dumps(
+        document, json_options=CANONICAL_JSON_OPTIONS, separators=(",", ":"), ensure_ascii=False
+    )
 
 
 def encode_checked(document: Mapping[str, Any], limit: int) -> str:

@@ -60,3 +60,17 @@ def create_app(settings: Settings) -> faust.App:
         web_graph_enabled=False,
         web_metrics_enabled=False,
     )
+
+
+def event_topic(app: faust.App, settings: Settings) -> faust.TopicT:
+    """The sync topic for producers of `MemorySyncEvent` records, keyed by entity_id."""
+    from app.records import MemorySyncEvent
+
+    return app.topic(
+        settings.sync_topic,
+        key_type=bytes,
+        value_type=MemorySyncEvent,
+        key_serializer="raw",
+        value_serializer=f"memsync_{settings.codec}",
+        partitions=settings.topic_partitions,
+    )

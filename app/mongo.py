@@ -3,6 +3,8 @@ through as given)."""
 
 from __future__ import annotations
 
+from functools import cache
+
 from pymongo import AsyncMongoClient
 
 from app.settings import Settings
@@ -16,3 +18,11 @@ def async_client(settings: Settings) -> AsyncMongoClient:
         tz_aware=False,
         appname=f"memsync-{settings.worker_id}",
     )
+
+
+@cache
+def shared_client() -> AsyncMongoClient:
+    """The worker's one MongoDB client (probes, reconciliation, retention)."""
+    from app import settings
+
+    return async_client(settings)

@@ -27,6 +27,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import DuplicateKeyError
 
 from app import docjson, metrics
+from app.factory import create_app, event_topic
 from app.identity import (
     DATA_TYPE_FIELD,
     MANAGED_FIELDS,
@@ -39,6 +40,7 @@ from app.identity import (
     operation_for,
 )
 from app.records import MemorySyncEvent
+from app.settings import Settings
 
 MAX_CAS_ATTEMPTS = 20
 
@@ -79,6 +81,7 @@ class UnifiedMemoryClient:
         max_document_bytes: int = 1_000_000,
         publish_timeout_s: float = 30.0,
     ) -> None:
+        self.mongo = mongo
         self.db = mongo[database]
         self.app = app
         self.topic = topic
@@ -86,16 +89,23 @@ class UnifiedMemoryClient:
         self.publish_timeout_s = publish_timeout_s
 
     @classmethod
-    def from_settings(cls) -> UnifiedMemoryClient:
-        from app import app, settings
+    def from_settings(cls, settings: Settings | None = None) -> UnifiedMemoryClient:
+        """A client for the process's settings, or for `settings` with a Faust app of its own."""
         from app.mongo import async_client
-        from app.topics import sync_events_out
 
+        if settings is None:
+            from app import app, settings
+            from app.topics import sync_events_out
+
+            topic = sync_events_out
+        else:
+            app = create_app(settings)
+            topic = event_topic(app, settings)
         return cls(
             async_client(settings),
             settings.mongodb_database,
             app,
-            sync_events_out,
+            topic,
             max_document_bytes=settings.max_document_bytes,
         )
 
@@ -108,6 +118,7 @@ class UnifiedMemoryClient:
         producer = self.app.producer
         await producer.flush()
         await producer.stop()
+        await self.mongo.close()
 
     async def save(
         self,

@@ -9,6 +9,8 @@ import enum
 
 import faust
 
+import app.codecs  # noqa: F401  (registers the memsync_avro and memsync_json codecs)
+
 
 class Operation(enum.StrEnum):
     INSERT = "INSERT"
@@ -52,7 +54,9 @@ def contract_mismatches(schema: dict[str, object], record: type[faust.Record] = 
     schema_fields = {f["name"]: f["type"] for f in fields}
     record_fields = dict(record._options.fields)  # name -> annotation, in declaration order
     if list(schema_fields) != list(record_fields):
-        problems.append(f"field names/order differ: avsc {list(schema_fields)} vs record {list(record_fields)}")
+        problems.append(
+            f"field names/order differ: avsc {list(schema_fields)} vs record {list(record_fields)}"
+        )
     for name, avro_type in schema_fields.items():
         if name not in record_fields:
             continue

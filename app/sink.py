@@ -286,6 +286,12 @@ class HistorySink:
         try:
             await self._retry_sink(lambda: self.history.insert(rows, dedup_token(rows)))
         except RowsRejected as exc:
+            if exc.rows and len(exc.rows) < len(rows):
+                # Validation named the bad rows: route them, write the others.
+                bad = set(exc.rows)
+                named = [(row, exc) for index, row in enumerate(rows) if index in bad]
+                rest = [row for index, row in enumerate(rows) if index not in bad]
+                return named + await self._insert_isolating(rest)
             if len(rows) == 1:
                 log.warning("ClickHouse rejected event %s: %s", rows[0].event_id, exc)
                 return [(rows[0], exc)]

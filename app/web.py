@@ -1,13 +1,156 @@
-"""Web views on the worker's port: liveness and readiness probes, stats."""
+"""Web views on the worker's port: Prometheus metrics, liveness and readiness probes, stats.
+
+Faust's own table and router routes can dump table contents to anyone on the port; app.factory turns
+them off unless WEB_TABLE_ROUTES_ENABLED=true. No view shows a secret or an event payload.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import html
+import time
+from typing import Any
+
+from faust.sensors.prometheus import setup_prometheus_sensors
 from faust.web import Request, Response, View
 
-from app import app
+from app import app, jobs, lag, metrics, settings
+from app.deadletter import dlq_stats
+from app.runtime import history, sink
+
+# Faust's sensor metrics are named faust_*, memsync's memory_sync_*, all on one registry.
+setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.registry, name_prefix="faust")
+
+STARTED_AT = time.time()
+PROBE_TIMEOUT_S = 3.0
+
+
+async def _check(name: str, probe: Any) -> tuple[str, str | None]:
+    try:
+        await asyncio.wait_for(probe(), PROBE_TIMEOUT_S)
+    except Exception as exc:
+        return name, f"{type(exc).__name__}: {exc}"[:300]
+    return name, None
+
+
+async def _mongo_ping() -> None:
+    from app.mongo import shared_client
+
+    await shared_client().admin.command("ping")
+
+
+async def readiness() -> dict[str, Any]:
+    problems: dict[str, str] = {}
+    if app.rebalancing:
+        problems["kafka"] = "rebalancing"
+    elif not app.tables.recovery.completed.is_set():
+        problems["tables"] = "recovering table state from changelogs"
+    checks = await asyncio.gather(_check("clickhouse", history().ping), _check("mongodb", _mongo_ping))
+    problems.update({name: problem for name, problem in checks if problem})
+    return {"ready": not problems, "problems": problems}
+
+
+def stats() -> dict[str, Any]:
+    from tables import processed
+
+    assignment = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment()) if app.consumer else []
+    return {
+        "worker_id": settings.worker_id,
+        "uptime_s": round(time.time() - STARTED_AT, 1),
+        "config": settings.describe(),
+        "assignment": [f"{topic}[{partition}]" for topic, partition in assignment],
+        "sink": sink().state.as_dict(),
+        "counts": {
+            "consumed": _counter_total(metrics.events_consumed),
+            "duplicates_skipped": _counter_total(metrics.duplicates_skipped),
+            "duplicates_by_layer": _counter_by_label(metrics.duplicates_skipped),
+            "dlq": _counter_total(metrics.dlq_events),
+            "rows_inserted": _counter_total(metrics.rows_inserted),
+        },
+        "lag": lag.latest,
+        "idempotency_table": processed.partition_stats(),
+        "dlq": dlq_stats.as_dict(),
+        "jobs": jobs.job_reports(),
+    }
+
+
+def _counter_total(counter: Any) -> float:
+    return sum(
+        sample.value for m in counter.collect() for sample in m.samples if sample.name.endswith("_total")
+    )
+
+
+def _counter_by_label(counter: Any) -> dict[str, float]:
+    return {
+        next(iter(sample.labels.values()), ""): sample.value
+        for m in counter.collect()
+        for sample in m.samples
+        if sample.name.endswith("_total")
+    }
 
 
 @app.page("/healthz")
 class Healthz(View):
     async def get(self, request: Request) -> Response:
-        return self.json({"status": "alive"})
+        return self.json({"status": "alive", "worker_id": settings.worker_id})
+
+
+@app.page("/readyz")
+class Readyz(View):
+    async def get(self, request: Request) -> Response:
+        report = await readiness()
+        return self.json(report, status=200 if report["ready"] else 503)
+
+
+@app.page("/stats")
+class Stats(View):
+    async def get(self, request: Request) -> Response:
+        return self.json(stats())
+
+
+@app.page("/stats/html")
+class StatsPage(View):
+    async def get(self, request: Request) -> Response:
+        return self.html(render_stats_page(stats()))
+
+
+def render_stats_page(data: dict[str, Any]) -> str:
+    def table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    sink_state = data["sink"]
+    lag_rows = [(topic, p, v) for topic, parts in data["lag"].items() for p, v in sorted(parts.items())]
+    table_rows = [
+        (p, s.get("entries"), s.get("oldest_ms"), s.get("newest_ms"))
+        for p, s in data["idempotency_table"].items()
+    ]
+    dlq = data["dlq"]
+    jobs = [
+        (name, r.get("status"), r.get("finished_at"), r.get("summary")) for name, r in data["jobs"].items()
+    ]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>memsync {
+        html.escape(data["worker_id"])
+    }</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.waiting{{color:#b00}}</style></head><body>
+<h1>memsync worker {html.escape(data["worker_id"])}</h1>
+<p>Sink: <b class="{html.escape(sink_state["state"])}">{html.escape(sink_state["state"])}</b>
+{html.escape(sink_state["reason"])}</p>
+<h2>Counts</h2>{
+        table([*list(data["counts"].items())[:3], ("dlq", data["counts"]["dlq"])], ("metric", "value"))
+    }
+<h2>Consumer lag</h2>{table(lag_rows, ("topic", "partition", "lag"))}
+<h2>Idempotency table</h2>{table(table_rows, ("partition", "entries", "oldest (ms)", "newest (ms)"))}
+<h2>Dead letters</h2>{table(sorted(dlq["by_error_class"].items()), ("error class", "count"))}
+{
+        table(
+            [(e["error_class"], e["error"], e["source"], e["attempts"]) for e in dlq["latest"][-10:]],
+            ("class", "error", "source", "attempts"),
+        )
+    }
+<h2>Scheduled jobs</h2>{table(jobs, ("job", "status", "finished", "summary"))}
+</body></html>"""

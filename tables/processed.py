@@ -50,6 +50,25 @@ processed_ids = app.Table(
 stats: dict[int, dict[str, int]] = {}
 
 
+def partition_stats() -> dict[int, dict[str, int | None]]:
+    """Per partition: RocksDB's key estimate, and the first/last marks this worker made."""
+    result: dict[int, dict[str, int | None]] = {}
+    store = processed_ids.data
+    for partition, db in sorted(getattr(store, "_dbs", {}).items()):
+        try:
+            entries = int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+        except Exception:
+            entries = None
+        mine = stats.get(partition, {})
+        result[partition] = {
+            "entries": entries,
+            "marked_by_this_worker": mine.get("marked", 0),
+            "oldest_ms": mine.get("oldest"),
+            "newest_ms": mine.get("newest"),
+        }
+    return result
+
+
 @contextmanager
 def as_event(event: EventT) -> Iterator[None]:
     token = _current_event.set(weakref.ref(event))

@@ -10,8 +10,17 @@ from app.identity import entity_id_of, epoch_ms, event_id_for, now_ms_precision,
 def test_event_id_is_deterministic_and_distinct():
     a = event_id_for("contexts", "e1", 3)
     assert a == event_id_for("contexts", "e1", 3)
-    assert len({a, event_id_for("contexts", "e1", 4), event_id_for("episodes", "e1", 3),
-                event_id_for("contexts", "e2", 3)}) == 4
+    assert (
+        len(
+            {
+                a,
+                event_id_for("contexts", "e1", 4),
+                event_id_for("episodes", "e1", 3),
+                event_id_for("contexts", "e2", 3),
+            }
+        )
+        == 4
+    )
 
 
 def test_event_id_separator_prevents_collisions():

@@ -30,7 +30,14 @@ def test_schema_is_the_seeds():
     assert SCHEMA["name"] == "MemorySyncEvent"
     assert SCHEMA["namespace"] == "com.neuralhive.memory"
     assert [f["name"] for f in SCHEMA["fields"]] == [
-        "event_id", "entity_id", "data_type", "operation", "collection", "timestamp", "data", "metadata",
+        "event_id",
+        "entity_id",
+        "data_type",
+        "operation",
+        "collection",
+        "timestamp",
+        "data",
+        "metadata",
     ]
     operation = next(f for f in SCHEMA["fields"] if f["name"] == "operation")["type"]
     assert operation == {"type": "enum", "name": "Operation", "symbols": ["INSERT", "UPDATE", "DELETE"]}
