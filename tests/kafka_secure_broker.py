@@ -25,13 +25,19 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.settings import ENV_NAMES
+
 ROOT = Path(__file__).resolve().parent.parent
+FAUST = str(Path(sys.executable).with_name("faust"))
 HOST = "127.0.0.1"
 KAFKA_VERSION = "4.1.1"
 USERNAME = "memsync"
@@ -100,6 +106,24 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int
                 os.kill(process.pid, signal.SIGKILL)
             process.wait(10)
     return process.returncode
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes] | None:
+    """(status, body) from the worker's web port, or None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError:
+        return None
+
+
+def start_worker(env: Mapping[str, str], log: Path, *, loglevel: str = "info") -> subprocess.Popen[bytes]:
+    """`faust -A app worker`, as deployed, logging to `log`."""
+    # Unbuffered: a worker stopped with SIGKILL still leaves every line it wrote in `log`.
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    return spawn([FAUST, "-A", "app", "worker", "-l", loglevel], log=log, env=env, cwd=ROOT)
 
 
 # ---------------------------------------------------------------- certificates
@@ -241,6 +265,25 @@ class SecureBroker:
         }
         env.update(overrides)
         return env
+
+    def worker_env(self, workdir: Path, group: str, **overrides: str) -> dict[str, str]:
+        """A worker's whole environment: nothing memsync reads is inherited from the caller's."""
+        inherited = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
+        return {
+            **inherited,
+            **self.memsync_env(),
+            # Nothing listens there: the worker must start without MongoDB or ClickHouse.
+            "MONGODB_URI": f"mongodb://{HOST}:{free_port()}/",
+            "CLICKHOUSE_URL": f"clickhouse://default@{HOST}:{free_port()}/default",
+            "WEB_PORT": str(free_port()),
+            "WEB_BIND": HOST,
+            "MEMSYNC_DATA_DIR": str(workdir / "data"),
+            "KAFKA_CONSUMER_GROUP": group,
+            "KAFKA_SYNC_TOPIC": f"{group}.events",
+            "KAFKA_CONTROL_TOPIC": f"{group}.control",
+            "WORKER_ID": group,
+            **overrides,
+        }
 
     def stop(self) -> None:
         if self.process is not None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
-import sys
+import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,28 +24,21 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from app.factory import create_app, kafka_credentials
 from app.kafka_clients import KafkaConnectError, kafka_client_kwargs, kafka_security_kwargs, start_client
-from app.settings import ENV_NAMES, Settings
+from app.settings import Settings
 from tests.kafka_secure_broker import (
-    ROOT,
     SecureBroker,
-    free_port,
+    http_get,
     make_pki,
     running_secure_broker,
-    spawn,
+    start_worker,
     stop_process,
 )
 
 pytestmark = pytest.mark.integration
 
-FAUST = str(Path(sys.executable).with_name("faust"))
 WRONG_PASSWORD_REASON = (
     "Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512"
 )
-# Unused ports: the worker must start without MongoDB or ClickHouse (the sink waits for them).
-UNREACHABLE = {
-    "MONGODB_URI": "mongodb://127.0.0.1:9/",
-    "CLICKHOUSE_URL": "clickhouse://default@127.0.0.1:9/default",
-}
 
 
 @pytest.fixture(scope="module")
@@ -80,29 +71,11 @@ def _connect_error(settings: Settings) -> str:
     return str(caught.value)
 
 
-def _worker_env(broker: SecureBroker, workdir: Path, group: str, **overrides: str) -> dict[str, str]:
-    # Nothing from the caller's environment that memsync reads: the test decides every variable.
-    inherited = {key: value for key, value in os.environ.items() if key not in ENV_NAMES}
-    return {
-        **inherited,
-        **broker.memsync_env(),
-        **UNREACHABLE,
-        "WEB_PORT": str(free_port()),
-        "WEB_BIND": "127.0.0.1",
-        "MEMSYNC_DATA_DIR": str(workdir / "data"),
-        "KAFKA_CONSUMER_GROUP": group,
-        "KAFKA_SYNC_TOPIC": f"{group}.events",
-        "KAFKA_CONTROL_TOPIC": f"{group}.control",
-        "WORKER_ID": group,
-        **overrides,
-    }
-
-
 def _run_worker_to_exit(env: dict[str, str], log: Path, timeout: float = 45.0) -> tuple[int | None, str]:
-    process = spawn([FAUST, "-A", "app", "worker", "-l", "info"], log=log, env=env, cwd=ROOT)
+    process = start_worker(env, log)
     try:
         process.wait(timeout)
-    except Exception:
+    except subprocess.TimeoutExpired:
         pass
     finally:
         code = stop_process(process)
@@ -243,21 +216,11 @@ def _group_members(settings: Settings, group: str) -> tuple[str, int]:
     return asyncio.run(describe())
 
 
-def _http_get(port: int, path: str) -> tuple[int, bytes] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-    except OSError:
-        return None
-
-
 def test_worker_joins_its_group_over_sasl_ssl(broker, tmp_path):
     group = f"secure-worker-{uuid.uuid4().hex[:8]}"
-    env = _worker_env(broker, tmp_path, group)
+    env = broker.worker_env(tmp_path, group)
     log = tmp_path / "worker.log"
-    process = spawn([FAUST, "-A", "app", "worker", "-l", "info"], log=log, env=env, cwd=ROOT)
+    process = start_worker(env, log)
     settings = _settings(broker)
     try:
         deadline = time.monotonic() + 60
@@ -265,7 +228,7 @@ def test_worker_joins_its_group_over_sasl_ssl(broker, tmp_path):
         while time.monotonic() < deadline:
             assert process.poll() is None, f"worker exited:\n{log.read_text(errors='replace')[-4000:]}"
             state, members = _group_members(settings, group)
-            health = _http_get(int(env["WEB_PORT"]), "/healthz")
+            health = http_get(int(env["WEB_PORT"]), "/healthz")
             if state == "Stable" and members >= 1 and health is not None:
                 break
             time.sleep(1)
@@ -292,8 +255,8 @@ def test_wrong_password_fails_with_authentication_failed(broker, tmp_path):
 
 def test_worker_with_wrong_password_exits_naming_the_cause(broker, tmp_path):
     group = f"wrong-password-{uuid.uuid4().hex[:8]}"
-    env = _worker_env(
-        broker, tmp_path, group, KAFKA_SASL_PASSWORD_FILE="", KAFKA_SASL_PASSWORD="not-the-password"
+    env = broker.worker_env(
+        tmp_path, group, KAFKA_SASL_PASSWORD_FILE="", KAFKA_SASL_PASSWORD="not-the-password"
     )
     started = time.monotonic()
     code, output = _run_worker_to_exit(env, tmp_path / "worker.log")
