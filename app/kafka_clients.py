@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from aiokafka.errors import KafkaConnectionError
 
-from app.settings import KafkaSecurity, Settings
+from app.settings import KafkaSecurity, Settings, load_tls_files
 
 
 class _RedactSaslExchange(logging.Filter):
@@ -49,16 +49,17 @@ def kafka_ssl_context(security: KafkaSecurity) -> ssl.SSLContext:
 
     Verification is never switched off; KAFKA_SSL_CHECK_HOSTNAME=false only skips the name check
     (brokers reached through an address their certificate does not list), the chain is still verified.
+    A CA, certificate or key file that does not load raises SettingsError naming its variable.
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=security.ca_file)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=security.ca_file)
+    except (ssl.SSLError, OSError):
+        # Loading it again alone raises the SettingsError that names KAFKA_SSL_CA_FILE.
+        load_tls_files(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "KAFKA_SSL", security.ca_file)
+        raise
     context.check_hostname = security.check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
-    if security.cert_file and security.key_file:
-        context.load_cert_chain(
-            security.cert_file,
-            security.key_file,
-            password=security.key_password.value or None,
-        )
+    load_tls_files(context, "KAFKA_SSL", None, security.cert_file, security.key_file, security.key_password)
     return context
 
 

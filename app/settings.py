@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,6 +495,57 @@ def _kafka_security(env: _Env) -> KafkaSecurity:
     if key_password and not key_file:
         raise SettingsError("KAFKA_SSL_KEY_PASSWORD is set but KAFKA_SSL_KEY_FILE is not")
     return security
+
+
+def load_tls_files(
+    context: ssl.SSLContext,
+    prefix: str,
+    ca_file: str | None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    key_password: Secret = NO_SECRET,
+) -> None:
+    """Load CA and client certificate files into `context`; a bad file raises SettingsError naming
+    `<prefix>_CA_FILE` etc. (never the key password)."""
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingsError(
+                f"{prefix}_CA_FILE: {ca_file!r} holds no usable PEM CA certificate ({_ssl_reason(exc)})"
+            ) from None
+    if cert_file and key_file:
+        try:
+            # Always a password (maybe empty): with None, OpenSSL would prompt on the terminal.
+            context.load_cert_chain(cert_file, key_file, password=key_password.value)
+        except (ssl.SSLError, OSError) as exc:
+            raise SettingsError(
+                f"{prefix}_CERT_FILE/{prefix}_KEY_FILE: cannot load the client certificate and key "
+                f"({_ssl_reason(exc)}); are they PEM, do they match, is {prefix}_KEY_PASSWORD right?"
+            ) from None
+
+
+def check_tls_files(settings: Settings) -> None:
+    """Load every certificate and key file the settings name; SettingsError names the bad one.
+
+    Not part of `from_env`, which checks only that the files exist: parsing stays independent of file
+    contents (manifests are checked offline with stand-in files). Call it at start-up, so a wrong file
+    stops the worker before it connects anywhere.
+    """
+    security = settings.kafka_security
+    if security.uses_tls:
+        load_tls_files(
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "KAFKA_SSL",
+            security.ca_file, security.cert_file, security.key_file, security.key_password,
+        )
+    if settings.clickhouse.ca_file:
+        load_tls_files(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "CLICKHOUSE", settings.clickhouse.ca_file)
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return getattr(exc, "strerror", None) or type(exc).__name__
 
 
 def _clickhouse(env: _Env) -> ClickHouseTarget:

@@ -382,7 +382,8 @@ def start_secure_broker(home: Path, *, timeout: float = START_TIMEOUT_S) -> Secu
         for arg in ("--add-scram", f"{mechanism}=[name={broker.username},password={password}]")
     ]
     formatted = subprocess.run(
-        [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config), *scram],
+        # `--cluster-id=` form: a base64 id may start with "-", which argparse would take for an option.
+        [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(config), *scram],
         capture_output=True, text=True, timeout=60,
     )
     if formatted.returncode != 0:

@@ -6,14 +6,15 @@ import dataclasses
 import json
 import logging
 import pickle
+import subprocess
 from pathlib import Path
 
 import pytest
 from aiokafka.protocol.admin import SaslAuthenticateRequest_v1, SaslHandShakeRequest_v1
 
 from app.factory import create_app, kafka_credentials
-from app.kafka_clients import redact_sasl_logging
-from app.settings import Secret, Settings, SettingsError, redact_mongodb_uri
+from app.kafka_clients import kafka_ssl_context, redact_sasl_logging
+from app.settings import Secret, Settings, SettingsError, check_tls_files, redact_mongodb_uri
 from tests.kafka_secure_broker import make_pki
 
 KAFKA_PASSWORD = "kafka-Pw-4f1b9c"
@@ -162,3 +163,23 @@ def test_aiokafka_debug_log_of_sasl_exchange_is_masked(caplog):
     assert "SaslAuthenticateRequest_v1(***)" in caplog.text
     assert "MetadataRequest_v1(...)" in caplog.text
     assert sum(f.__class__.__name__ == "_RedactSaslExchange" for f in connection_logger.filters) == 1
+
+
+def test_tls_file_errors_never_quote_the_key_password(tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    encrypted = tmp_path / "client-encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(pki.client_key), "-out", str(encrypted), "-aes256",
+         "-passout", "pass:the-right-one"],
+        check=True, capture_output=True,
+    )
+    settings = Settings.from_env({
+        "KAFKA_SECURITY_PROTOCOL": "SSL",
+        "KAFKA_SSL_CERT_FILE": str(pki.client_cert),
+        "KAFKA_SSL_KEY_FILE": str(encrypted),
+        "KAFKA_SSL_KEY_PASSWORD": KEY_PASSWORD,
+    })
+    for check in (lambda: check_tls_files(settings), lambda: kafka_ssl_context(settings.kafka_security)):
+        with pytest.raises(SettingsError, match="KAFKA_SSL_KEY_PASSWORD right") as caught:
+            check()
+        _assert_clean(str(caught.value))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import ENV_NAMES, ENV_VARIABLES, Settings, SettingsError
+from app.kafka_clients import kafka_ssl_context
+from app.settings import ENV_NAMES, ENV_VARIABLES, Settings, SettingsError, check_tls_files
 from tests.conftest import ROOT
+from tests.kafka_secure_broker import make_pki
 
 SETTINGS_SOURCE = ROOT / "app" / "settings.py"
 
@@ -47,10 +50,20 @@ class RecordingEnv(Mapping[str, str]):
         return len(self.values)
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, str]:
-    paths = {}
-    for name in ("ca", "cert", "key", "secret", "policies"):
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp_path = tmp_path_factory.mktemp("settings-files")
+    pki = make_pki(tmp_path / "pki")
+    paths = {"ca": str(pki.ca_cert), "cert": str(pki.client_cert), "key": str(pki.client_key)}
+    encrypted_key = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", paths["key"], "-out", str(encrypted_key), "-aes256",
+         "-passout", "pass:right"],
+        check=True, capture_output=True,
+    )
+    paths["encrypted-key"] = str(encrypted_key)
+    paths["other-key"] = str(pki.broker_keystore)  # a valid key, but not the client certificate's
+    for name in ("secret", "policies", "garbage"):
         path = tmp_path / name
         path.write_text("{}\n" if name == "policies" else "value\n")
         paths[name] = str(path)
@@ -108,7 +121,7 @@ def test_every_variable_named_in_the_source_is_documented():
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
         and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", node.value)
     }
-    named -= {"SASL_SSL", "SASL_PLAINTEXT", "SCRAM_SHA"}  # protocol values, not variables
+    named -= {"SASL_SSL", "SASL_PLAINTEXT", "KAFKA_SSL"}  # protocol values and a prefix, not variables
     assert named - ENV_NAMES == set()
 
 
@@ -264,6 +277,8 @@ INVALID: list[tuple[str, dict[str, str], str]] = [
     ("CA without TLS", {"KAFKA_SSL_CA_FILE": "{ca}"},
      "KAFKA_SSL_CA_FILE set but KAFKA_SECURITY_PROTOCOL=PLAINTEXT does not use TLS"),
     ("clickhouse CA without TLS", {"CLICKHOUSE_CA_FILE": "{ca}"}, "CLICKHOUSE_CA_FILE is set but"),
+    ("key password without key", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_KEY_PASSWORD": "p"},
+     "KAFKA_SSL_KEY_PASSWORD is set but KAFKA_SSL_KEY_FILE is not"),
     # files
     ("missing CA file", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_FILE": "{missing}"},
      "KAFKA_SSL_CA_FILE names a file that does not exist"),
@@ -289,7 +304,7 @@ def test_invalid_value_is_refused_naming_the_variable(files, env, message):
     resolved = {key: value.format(**files) for key, value in env.items()}
     with pytest.raises(SettingsError) as caught:
         Settings.from_env(resolved)
-    assert message in str(caught.value)
+    assert message.format(**files) in str(caught.value)
     named = {name for name in ENV_NAMES if re.search(rf"\b{name}\b", str(caught.value))}
     assert named & set(resolved), f"the message names none of {sorted(resolved)}: {caught.value}"
 
@@ -297,16 +312,64 @@ def test_invalid_value_is_refused_naming_the_variable(files, env, message):
 def test_every_variable_has_an_invalid_value_test_or_accepts_anything():
     """Each variable with a constrained value appears in at least one INVALID case."""
     free_form = {"KAFKA_SASL_USERNAME", "WORKER_ID", "KAFKA_SSL_CHECK_HOSTNAME"}
-    covered = {name for _, env, _ in INVALID for name in env}
+    covered = {name for _, env, _ in INVALID + TLS_FILES_INVALID for name in env}
     missing = {var.name for var in ENV_VARIABLES} - covered - free_form
     missing = {name for name in missing if f"{name}_FILE" not in covered}
     # These are validated like a covered sibling (same helper), listed so a new variable is a decision.
     siblings = {
         "KAFKA_DLQ_TOPIC", "KAFKA_RETRY_TOPIC", "KAFKA_CONTROL_TOPIC", "KAFKA_REPLICATION_FACTOR",
-        "KAFKA_DLQ_RETENTION_MS", "KAFKA_SSL_KEY_FILE", "KAFKA_SSL_KEY_PASSWORD", "SINK_BATCH_MAX_EVENTS",
+        "KAFKA_DLQ_RETENTION_MS", "SINK_BATCH_MAX_EVENTS",
         "IDEMPOTENCY_HORIZON_HOURS", "WEB_TABLE_ROUTES_ENABLED", "CLICKHOUSE_PASSWORD",
     }
     assert missing - siblings == set()
+
+
+TLS_FILES_INVALID: list[tuple[str, dict[str, str], str]] = [
+    ("CA not PEM", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_FILE": "{garbage}"},
+     "KAFKA_SSL_CA_FILE: '{garbage}' holds no usable PEM CA certificate"),
+    ("ClickHouse CA not PEM", {"CLICKHOUSE_URL": "clickhouses://ch/db", "CLICKHOUSE_CA_FILE": "{garbage}"},
+     "CLICKHOUSE_CA_FILE: '{garbage}' holds no usable PEM CA certificate"),
+    ("client key not PEM", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CERT_FILE": "{cert}",
+                            "KAFKA_SSL_KEY_FILE": "{garbage}"},
+     "KAFKA_SSL_CERT_FILE/KAFKA_SSL_KEY_FILE: cannot load the client certificate and key"),
+    ("key of another certificate", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CERT_FILE": "{cert}",
+                                    "KAFKA_SSL_KEY_FILE": "{other-key}"},
+     "KAFKA_SSL_CERT_FILE/KAFKA_SSL_KEY_FILE: cannot load"),
+    ("encrypted key without password", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CERT_FILE": "{cert}",
+                                        "KAFKA_SSL_KEY_FILE": "{encrypted-key}"},
+     "is KAFKA_SSL_KEY_PASSWORD right?"),
+    ("encrypted key, wrong password", {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CERT_FILE": "{cert}",
+                                       "KAFKA_SSL_KEY_FILE": "{encrypted-key}",
+                                       "KAFKA_SSL_KEY_PASSWORD": "wrong"},
+     "is KAFKA_SSL_KEY_PASSWORD right?"),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), [(env, message) for _, env, message in TLS_FILES_INVALID],
+                         ids=[case for case, _, _ in TLS_FILES_INVALID])
+def test_unusable_tls_files_are_refused_naming_the_variable(files, env, message):
+    """`from_env` checks the files exist; `check_tls_files` and the Kafka TLS context load them."""
+    settings = Settings.from_env({key: value.format(**files) for key, value in env.items()})
+    with pytest.raises(SettingsError) as caught:
+        check_tls_files(settings)
+    assert message.format(**files) in str(caught.value)
+    if settings.kafka_security.uses_tls:
+        with pytest.raises(SettingsError) as from_context:
+            kafka_ssl_context(settings.kafka_security)
+        assert str(from_context.value) == str(caught.value)
+
+
+def test_encrypted_client_key_loads_with_its_password(files):
+    settings = Settings.from_env({
+        "KAFKA_SECURITY_PROTOCOL": "SSL",
+        "KAFKA_SSL_CA_FILE": files["ca"],
+        "KAFKA_SSL_CERT_FILE": files["cert"],
+        "KAFKA_SSL_KEY_FILE": files["encrypted-key"],
+        "KAFKA_SSL_KEY_PASSWORD": "right",
+    })
+    check_tls_files(settings)
+    context = kafka_ssl_context(settings.kafka_security)
+    assert context.verify_mode == ssl.CERT_REQUIRED
 
 
 # ---------------------------------------------------------------- end to end
