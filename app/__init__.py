@@ -12,6 +12,9 @@ from app.settings import Settings, SettingsError
 
 try:
     settings: Settings = Settings.from_env()
+    from app.retention import RetentionPolicyManager
+
+    retention_policies: RetentionPolicyManager = RetentionPolicyManager.from_settings(settings)
 except SettingsError as _error:
     print(f"memsync: invalid configuration: {_error}", file=sys.stderr)
     raise SystemExit(2) from None
@@ -20,4 +23,8 @@ from app.factory import create_app
 
 app = create_app(settings)
 
-__all__ = ["app", "settings"]
+# Registers the `faust -A app <command>` commands: click resolves a subcommand right after importing
+# the app module, before autodiscovery.
+from app import commands  # noqa: E402
+
+__all__ = ["app", "commands", "retention_policies", "settings"]

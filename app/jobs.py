@@ -15,6 +15,7 @@ from app import metrics
 
 RECENT_RUNS = 10
 RECENT_DECISIONS = 50
+RECENT_FIELDS = ("run", "status", "attempt", "started_at", "finished_at", "error")
 
 reports: dict[str, dict[str, Any]] = {}
 recent: dict[str, deque[dict[str, Any]]] = {}
@@ -60,7 +61,10 @@ def decided(run: str, decision: str, detail: str = "") -> None:
 
 
 def _remember(job: str, report: dict[str, Any]) -> None:
-    recent.setdefault(job, deque(maxlen=RECENT_RUNS)).append(dict(report))
+    summary = report.get("summary") or {}
+    entry = {key: report.get(key) for key in RECENT_FIELDS}
+    entry["totals"] = summary.get("totals")
+    recent.setdefault(job, deque(maxlen=RECENT_RUNS)).append(entry)
 
 
 def job_reports() -> dict[str, dict[str, Any]]:
