@@ -46,6 +46,9 @@ def create_app(settings: Settings) -> faust.App:
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=max(4096, settings.sink_batch_max_events * 2),
+        # Events are acked only once written; at shutdown the unwritten ones are simply redelivered,
+        # so a stop must not wait for acks that a ClickHouse outage would withhold forever.
+        stream_wait_empty=False,
         broker_commit_every=10_000,
         broker_commit_interval=2.0,
         producer_acks=-1,

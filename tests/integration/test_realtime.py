@@ -46,7 +46,7 @@ async def republish(client: UnifiedMemoryClient, results: Sequence[SaveResult]) 
 
 
 def run(coro):
-    return asyncio.get_event_loop_policy().new_event_loop().run_until_complete(coro)
+    return asyncio.run(coro)
 
 
 def history_counts(scenario: Scenario) -> tuple[int, int]:
