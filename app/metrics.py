@@ -92,21 +92,28 @@ retries_scheduled = Counter(
 job_last_success = Gauge(
     "memory_sync_job_last_success_timestamp_seconds",
     "Unix time of the last successful run of a scheduled job",
-    ["job"],
+    ["job_name"],
     registry=registry,
 )
 job_duration = Gauge(
     "memory_sync_job_last_duration_seconds",
     "Duration of the last run of a scheduled job",
-    ["job"],
+    ["job_name"],
     registry=registry,
 )
 job_failures = Counter(
     "memory_sync_job_failures_total",
     "Failed runs of a scheduled job",
-    ["job"],
+    ["job_name"],
     registry=registry,
 )
+# Created at 0 from the start, so the first failure is an increase Prometheus can see (a labelled
+# series that first appears at 1 is invisible to increase()). The last-success gauge is not: a 0
+# there would read as "last success in 1970" and fire MemorySyncReconciliationStale on a new worker.
+SCHEDULED_JOBS = ("reconcile", "retention")
+for _job_name in SCHEDULED_JOBS:
+    job_failures.labels(_job_name)
+
 reconcile_rows_repaired = Counter(
     "memory_sync_reconcile_rows_repaired_total",
     "History rows inserted by reconciliation because ClickHouse lacked them",

@@ -211,8 +211,8 @@ def test_a_failing_job_does_not_stop_the_worker(scenario):
             return {name for name, report in jobs.items() if report.get("status") == "failed"}
 
         wait_for(lambda: failed_jobs() == {"reconcile", "retention"}, 90, "both jobs to fail", worker.log)
-        assert worker.metric("memory_sync_job_failures_total", {"job": "reconcile"}) >= 1
-        assert worker.metric("memory_sync_job_failures_total", {"job": "retention"}) >= 1
+        assert worker.metric("memory_sync_job_failures_total", {"job_name": "reconcile"}) >= 1
+        assert worker.metric("memory_sync_job_failures_total", {"job_name": "retention"}) >= 1
         assert "failed: SinkUnavailable" in worker.log()
         # The worker goes on: alive, answering, and a retry is scheduled rather than a crash.
         assert worker.get("/healthz") is not None

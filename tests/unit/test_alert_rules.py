@@ -4,7 +4,8 @@
 - `promtool test rules` on k8s/tests/memsync-alerts.test.yml: every alert fires when it should and
   stays silent when it should not (this file checks that each alert has both kinds of case);
 - the seed's three alerts are kept as specified (HighDLQRate's documented deviation aside);
-- every metric a rule reads is one app/metrics.py defines, with the label names it exports;
+- every metric a rule reads is one app/metrics.py defines, with the label names it exports (none of
+  them a target label like `job`);
 - every alert links to its section of docs/runbook.md.
 promtool comes from Debian's `prometheus` package (scripts/bootstrap installs it).
 """
@@ -182,33 +183,60 @@ def test_rules_read_only_metrics_the_app_exports():
         assert used <= known, f"{name} reads metrics app/metrics.py does not export: {sorted(used - known)}"
 
 
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+
+
+def test_the_app_exports_no_label_prometheus_sets_on_the_target():
+    """A metric label named like a target label (`job`, `instance`) is renamed `exported_<name>` on
+    scrape (honor_labels: false), so the scheduled-job metrics name their job `job_name`."""
+    for metric, (_kind, labels) in exported_metrics().items():
+        clash = set(labels) & TARGET_LABELS
+        assert not clash, f"{metric}: label {sorted(clash)} clashes with Prometheus' target labels"
+
+
 def test_rules_match_the_labels_the_app_exports():
-    """Label names in selectors exist on the metric as scraped. app/metrics.py's `job` label clashes
-    with Prometheus' target label `job`: without honor_labels (the ServiceMonitor's setting) it
-    arrives as `exported_job`, which the reconciliation alerts use. If app/metrics.py renames that
-    label, this test says which name the rules must use instead."""
-    target_labels = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+    """Label names in selectors exist on the metric as scraped (its own labels plus the target's)."""
     for name, rule in rules().items():
         for metric, (kind, labels) in exported_metrics().items():
-            scraped = {("exported_job" if label == "job" else label) for label in labels}
+            scraped = set(labels)
             if kind == "Histogram":
                 scraped.add("le")
             for series in series_names(metric, kind):
                 for matchers in selectors(rule["expr"], series):
-                    unknown = set(matchers) - scraped - target_labels
+                    unknown = set(matchers) - scraped - TARGET_LABELS
                     assert not unknown, (
                         f"{name}: {series} has no label {sorted(unknown)} once scraped "
                         f"(app/metrics.py labels: {list(labels)})"
                     )
-    job_metrics = {"memory_sync_job_failures_total", "memory_sync_job_last_success_timestamp_seconds"}
-    for metric in job_metrics:
-        (label,) = exported_metrics()[metric][1]
-        expected = "exported_job" if label == "job" else label
-        for name in ("MemorySyncReconciliationFailing", "MemorySyncReconciliationStale"):
-            for matchers in selectors(rules()[name]["expr"], metric):
-                assert matchers.get(expected) == "reconcile", (
-                    f"{name}: select the reconciliation of {metric} with {expected}=\"reconcile\""
-                )
+    job_metrics = {
+        "MemorySyncReconciliationFailing": "memory_sync_job_failures_total",
+        "MemorySyncReconciliationStale": "memory_sync_job_last_success_timestamp_seconds",
+    }
+    for name, metric in job_metrics.items():
+        assert exported_metrics()[metric][1] == ("job_name",)
+        found = selectors(rules()[name]["expr"], metric)
+        assert found, f"{name} does not read {metric}"
+        for matchers in found:
+            assert matchers.get("job_name") == "reconcile", (
+                f'{name}: select the reconciliation of {metric} with job_name="reconcile"'
+            )
+
+
+def test_job_failure_counters_exist_at_zero_from_the_start():
+    """increase() only sees a failure if the series was scraped at 0 before it: app/metrics.py creates
+    memory_sync_job_failures_total{job_name=...} for every scheduled job at import."""
+    from app import metrics
+    from app.reconcile import JOB as RECONCILE
+    from app.retention import JOB as RETENTION
+
+    assert set(metrics.SCHEDULED_JOBS) == {RECONCILE, RETENTION}
+    samples = {
+        sample.labels["job_name"]: sample.value
+        for family in metrics.job_failures.collect()
+        for sample in family.samples
+        if sample.name == "memory_sync_job_failures_total"
+    }
+    assert samples.keys() >= {RECONCILE, RETENTION}
 
 
 # ------------------------------------------------------------------ annotations and runbook

@@ -539,7 +539,7 @@ def test_servicemonitor_scrapes_metrics_from_the_web_service(rendered):
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] == "/metrics"
-    # The alert rules match app/metrics.py's `job` label as `exported_job`: only true without honorLabels.
+    # Prometheus' target labels (job, instance) win: the alerts find workers by job=~".*memsync.*".
     assert endpoint.get("honorLabels", False) is False
     # The alerts find workers with up{job=~".*memsync.*"}; the operator's job label is the Service name.
     assert "memsync" in service["metadata"]["name"]
