@@ -2,6 +2,7 @@
 
     faust -A app sync-batch [--since ISO | --hours N] [--collection C ...] [--dry-run] [--resume]
     faust -A app retention [--dry-run]
+    faust -A app dlq-replay [--since ISO] [--until ISO] [--error-class C ...] [--dry-run]
 
 Each command is one `@app.command` function here; what it does lives in its own module (app.reconcile,
 app.retention), imported inside the function so that importing `app` stays light. A command needs
@@ -200,4 +201,48 @@ async def retention(self: AppCommand, dry_run: bool) -> None:
     emit(self, report.render(), report.summary())
 
 
-__all__ = ["retention", "sync_batch"]
+@app.command(
+    option(
+        "--since", default=None, help="Only dead letters written at or after this ISO time (UTC if naive)."
+    ),
+    option("--until", default=None, help="Only dead letters written before this ISO time (UTC if naive)."),
+    option(
+        "--error-class",
+        "error_classes",
+        multiple=True,
+        help="Only this error class (memsync.error_class header); repeat for several.",
+    ),
+    option("--dry-run", is_flag=True, default=False, help="Count what would be replayed; publish nothing."),
+)
+@cli_errors
+async def dlq_replay(
+    self: AppCommand, since: str | None, until: str | None, error_classes: tuple[str, ...], dry_run: bool
+) -> None:
+    """Re-publish dead letters to the sync topic (after their cause is fixed) and print a summary."""
+    from tqdm import tqdm
+
+    from app.kafka_clients import KafkaConnectError
+    from app.replay import ReplayFilter, replay_dlq
+
+    selection = ReplayFilter(
+        since=parse_since(since) if since else None,
+        until=parse_since(until) if until else None,
+        error_classes=frozenset(error_classes),
+    )
+    if selection.since and selection.until and selection.since >= selection.until:
+        raise click.UsageError("--since must be before --until")
+    with tqdm(unit="record", desc="dlq-replay", file=sys.stderr, disable=None) as bar:
+        try:
+            report = await replay_dlq(
+                settings,
+                selection,
+                dry_run=dry_run,
+                on_total=lambda total: bar.reset(total=total),
+                on_record=lambda: bar.update(1),
+            )
+        except KafkaConnectError as exc:
+            raise click.ClickException(str(exc)) from None
+    emit(self, report.render(), report.summary())
+
+
+__all__ = ["dlq_replay", "retention", "sync_batch"]

@@ -131,3 +131,21 @@ async def start_client(client: _Startable, settings: Settings) -> None:
         ) from None
     finally:
         aiokafka_logger.removeHandler(collector)
+
+
+async def topic_partitions(settings: Settings, topic: str) -> list[int]:
+    """The partition numbers of `topic` ([] when it does not exist), asked of the broker.
+
+    A plain consumer only knows a topic's partitions once it subscribed to it; the admin client asks.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await start_client(admin, settings)
+    try:
+        (description,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if description["error_code"]:
+        return []
+    return sorted(p["partition"] for p in description["partitions"])
