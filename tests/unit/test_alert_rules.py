@@ -271,3 +271,23 @@ def test_runbook_has_a_section_for_every_alert():
     anchors = github_anchors(RUNBOOK.read_text())
     missing = sorted(runbook_anchor(name) for name in rules() if runbook_anchor(name) not in anchors)
     assert not missing, f"docs/runbook.md has no heading for the anchors {missing}"
+
+
+def test_latency_buckets_span_the_latencies_and_the_alert_threshold():
+    """Publish latency is milliseconds (a broker ack) up to the publish timeout (30 s); consume latency
+    (save -> insert) is about a batch window (1 s) and tens of seconds while ClickHouse recovers.
+    SyncLatencyHigh's threshold is a bucket boundary, so histogram_quantile() is exact around it."""
+    from app.metrics import LATENCY_BUCKETS, consume_latency, publish_latency
+
+    assert list(LATENCY_BUCKETS) == sorted(set(LATENCY_BUCKETS))
+    assert LATENCY_BUCKETS[0] <= 0.001
+    assert LATENCY_BUCKETS[-1] >= 60
+    threshold = float(re.search(r"\)\s*>\s*([\d.]+)$", rules()["SyncLatencyHigh"]["expr"]).group(1))
+    assert threshold in LATENCY_BUCKETS
+    # every decade between 1 ms and 10 s has at least two buckets
+    for low in (0.001, 0.01, 0.1, 1):
+        assert len([b for b in LATENCY_BUCKETS if low <= b < low * 10]) >= 2
+    for histogram in (publish_latency, consume_latency):
+        (family,) = histogram.collect()
+        bounds = [float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")]
+        assert bounds == [*map(float, LATENCY_BUCKETS), float("inf")]
