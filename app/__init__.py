@@ -6,22 +6,29 @@ environment (app.settings); a bad value stops the process here with a message na
 
 from __future__ import annotations
 
+import logging
 import sys
 
-from app.settings import Settings, SettingsError
+import faust
+
+from app.settings import Settings, SettingsError, check_tls_files
 
 try:
     settings: Settings = Settings.from_env()
+    check_tls_files(settings)
     from app.retention import RetentionPolicyManager
 
     retention_policies: RetentionPolicyManager = RetentionPolicyManager.from_settings(settings)
+    from app.factory import create_app
+
+    app: faust.App = create_app(settings)
 except SettingsError as _error:
     print(f"memsync: invalid configuration: {_error}", file=sys.stderr)
     raise SystemExit(2) from None
 
-from app.factory import create_app
-
-app = create_app(settings)
+# LOG_LEVEL sets memsync's own loggers; `faust ... -l LEVEL` sets everything else's.
+for _logger in ("app", "agents", "tables"):
+    logging.getLogger(_logger).setLevel(settings.log_level.upper())
 
 # Registers the `faust -A app <command>` commands: click resolves a subcommand right after importing
 # the app module, before autodiscovery.

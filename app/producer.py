@@ -80,6 +80,7 @@ class UnifiedMemoryClient:
         *,
         max_document_bytes: int = 1_000_000,
         publish_timeout_s: float = 30.0,
+        publish: bool = True,
     ) -> None:
         self.mongo = mongo
         self.db = mongo[database]
@@ -87,6 +88,8 @@ class UnifiedMemoryClient:
         self.topic = topic
         self.max_document_bytes = max_document_bytes
         self.publish_timeout_s = publish_timeout_s
+        # ENABLE_REALTIME_SYNC=false: MongoDB only; the history follows through reconciliation.
+        self.publish = publish
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> UnifiedMemoryClient:
@@ -107,17 +110,21 @@ class UnifiedMemoryClient:
             app,
             topic,
             max_document_bytes=settings.max_document_bytes,
+            publish=settings.enable_realtime_sync,
         )
 
     async def start(self) -> None:
         """Start the Kafka producer and make sure the topic exists."""
+        if not self.publish:
+            return
         await self.app.maybe_start_producer()
         await self.topic.maybe_declare()
 
     async def stop(self) -> None:
-        producer = self.app.producer
-        await producer.flush()
-        await producer.stop()
+        if self.publish:
+            producer = self.app.producer
+            await producer.flush()
+            await producer.stop()
         await self.mongo.close()
 
     async def save(
@@ -205,6 +212,8 @@ class UnifiedMemoryClient:
         )
 
     async def _publish(self, event: MemorySyncEvent) -> None:
+        if not self.publish:
+            return
         started = time.perf_counter()
         try:
             delivery = await self.topic.send(key=event.entity_id.encode(), value=event)

@@ -292,7 +292,11 @@ ENV_VARIABLES: tuple[EnvVar, ...] = (
     EnvVar("WEB_TABLE_ROUTES_ENABLED", "false",
            "Serve Faust's `/router/` and `/table/...` views (they show table contents)."),
     EnvVar("WORKER_ID", "(the host name)", "Name of this worker in metrics, logs and dead letters."),
-    EnvVar("LOG_LEVEL", "info", "`debug`, `info`, `warning` or `error`."),
+    EnvVar(
+        "LOG_LEVEL",
+        "info",
+        "Level of memsync's own loggers: `debug`, `info`, `warning` or `error` (`faust -l` sets the rest).",
+    ),
 )
 
 ENV_NAMES: frozenset[str] = frozenset(name for var in ENV_VARIABLES for name in var.names)

@@ -9,6 +9,8 @@ Two kinds of failure, two behaviours:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -322,3 +324,42 @@ class HistorySink:
             log.error("ClickHouse unavailable, holding the batch and retrying: %s", reason)
         self.state.wait(reason)
         metrics.sink_retries.inc()
+
+
+class PipelinedWriter:
+    """Writes batches on a task of its own, so the agent collects the next batch meanwhile.
+
+    `noack_take` stops filling its buffer while the agent body runs; handing the batch over lets
+    collection and writing overlap. One writer, one batch in hand and at most one waiting: order is
+    kept, memory is bounded, and when ClickHouse is slow or down the agent stops taking records.
+    """
+
+    def __init__(self, sink: HistorySink, ack: Any) -> None:
+        self.sink = sink
+        self.ack = ack
+        self.queue: asyncio.Queue[Sequence[EventT]] = asyncio.Queue(maxsize=1)
+        self.task: asyncio.Task[None] | None = None
+
+    async def submit(self, events: Sequence[EventT]) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(), name="memsync-batch-writer")
+        if self.task.done():
+            self.task.result()  # re-raises what stopped the writer
+        put = asyncio.ensure_future(self.queue.put(events))
+        await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            self.task.result()
+
+    async def _run(self) -> None:
+        while True:
+            events = await self.queue.get()
+            await self.sink.handle(events)
+            for event in events:
+                await self.ack(event)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
