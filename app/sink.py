@@ -359,7 +359,13 @@ class PipelinedWriter:
                 await self.ack(event)
 
     async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        """Stop the writer; a batch in hand stays unacked and is redelivered after a restart."""
+        if self.task is None:
+            return
+        if self.task.done():
+            if not self.task.cancelled() and self.task.exception() is not None:
+                log.error("batch writer had stopped: %r", self.task.exception())
+            return
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task

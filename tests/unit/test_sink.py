@@ -228,3 +228,47 @@ def test_dedup_token_depends_only_on_the_rows():
     rows_b, _ = decode_batch([make_event(i) for i in range(3)], codec="avro", max_document_bytes=10_000)
     assert dedup_token([d.row for d in rows_a]) == dedup_token([d.row for d in rows_b])
     assert dedup_token([d.row for d in rows_a]) != dedup_token([d.row for d in rows_a[:2]])
+
+
+def test_pipelined_writer_keeps_order_acks_after_writing_and_surfaces_a_crash():
+    from app.sink import PipelinedWriter
+
+    history = FakeHistory()
+    sink = make_sink(history=history)
+    acked: list[int] = []
+
+    async def ack(event) -> None:
+        # Acked only once its row is in ClickHouse.
+        written = {r.event_id for r in history.rows}
+        assert event_id_for("contexts", f"e{event.message.offset}", 1) in written
+        acked.append(event.message.offset)
+
+    async def scenario():
+        writer = PipelinedWriter(sink, ack)
+        for start in range(0, 30, 10):
+            await writer.submit([make_event(i) for i in range(start, start + 10)])
+        while len(acked) < 30:
+            await asyncio.sleep(0.01)
+        await writer.close()
+
+    run(scenario())
+    assert acked == list(range(30))
+
+
+def test_pipelined_writer_raises_what_stopped_it():
+    from app.sink import PipelinedWriter
+
+    sink = make_sink()
+
+    async def broken_ack(event) -> None:
+        raise RuntimeError("ack failed")
+
+    async def scenario():
+        writer = PipelinedWriter(sink, broken_ack)
+        await writer.submit([make_event(1)])
+        await asyncio.sleep(0.1)
+        with pytest.raises(RuntimeError, match="ack failed"):
+            await writer.submit([make_event(2)])
+        await writer.close()
+
+    run(scenario())
