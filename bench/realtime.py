@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import random
 import resource
 import tempfile
@@ -38,6 +37,7 @@ from app.codecs import decode_avro, encode_event
 from app.history import HistoryRow, HistoryStore
 from app.identity import event_id_for
 from app.settings import Settings
+from bench.batch import machine
 from tests.conftest import StackEnv
 from tests.worker import Scenario, Worker, wait_for
 
@@ -199,19 +199,6 @@ def quantiles_between(
                 break
             previous_bound, previous_count = bound, cumulative
     return result
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} vCPU ({model}), {memory_gib:.1f} GiB RAM, Python {platform.python_version()}"
 
 
 def main() -> None:
