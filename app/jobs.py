@@ -12,6 +12,18 @@ from collections import deque
 from typing import Any
 
 from app import metrics
+from app.reconcile import JOB as RECONCILE
+from app.retention import JOB as RETENTION
+
+SCHEDULED_JOBS = (RECONCILE, RETENTION)
+
+# The worker (scheduler, web views) creates the failure counters at 0 when it starts, so the first
+# failure is an increase Prometheus can see: a labelled series that first appears at 1 is invisible to
+# increase() (MemorySyncReconciliationFailing). Not the last-success gauge: a 0 there would read as
+# "last success in 1970" and fire MemorySyncReconciliationStale on every new worker. Producer
+# processes (app.producer) do not import this module and export no job series.
+for _job in SCHEDULED_JOBS:
+    metrics.job_failures.labels(_job)
 
 RECENT_RUNS = 10
 RECENT_DECISIONS = 50

@@ -107,13 +107,6 @@ job_failures = Counter(
     ["job_name"],
     registry=registry,
 )
-# Created at 0 from the start, so the first failure is an increase Prometheus can see (a labelled
-# series that first appears at 1 is invisible to increase()). The last-success gauge is not: a 0
-# there would read as "last success in 1970" and fire MemorySyncReconciliationStale on a new worker.
-SCHEDULED_JOBS = ("reconcile", "retention")
-for _job_name in SCHEDULED_JOBS:
-    job_failures.labels(_job_name)
-
 reconcile_rows_repaired = Counter(
     "memory_sync_reconcile_rows_repaired_total",
     "History rows inserted by reconciliation because ClickHouse lacked them",

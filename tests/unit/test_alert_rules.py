@@ -223,13 +223,15 @@ def test_rules_match_the_labels_the_app_exports():
 
 
 def test_job_failure_counters_exist_at_zero_from_the_start():
-    """increase() only sees a failure if the series was scraped at 0 before it: app/metrics.py creates
-    memory_sync_job_failures_total{job_name=...} for every scheduled job at import."""
-    from app import metrics
+    """increase() only sees a failure if the series was scraped at 0 before it: app/jobs.py (imported
+    by the worker's scheduler and web views) creates memory_sync_job_failures_total{job_name=...} for
+    every scheduled job."""
+    from agents.scheduler import JOBS
+    from app import jobs, metrics
     from app.reconcile import JOB as RECONCILE
     from app.retention import JOB as RETENTION
 
-    assert set(metrics.SCHEDULED_JOBS) == {RECONCILE, RETENTION}
+    assert set(jobs.SCHEDULED_JOBS) == set(JOBS) == {RECONCILE, RETENTION}
     samples = {
         sample.labels["job_name"]: sample.value
         for family in metrics.job_failures.collect()
