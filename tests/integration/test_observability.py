@@ -36,6 +36,7 @@ from app.codecs import encode_event
 from app.identity import event_id_for
 from app.metrics import LATENCY_BUCKETS
 from app.producer import UnifiedMemoryClient
+from tests.conftest import ROOT
 from tests.worker import Scenario, Worker, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -192,6 +193,13 @@ def broker_lag(scenario: Scenario) -> dict[int, int]:
     return lag
 
 
+def docs_stats_fields() -> set[str]:
+    """Field names (last component) in backticks in the `/stats` section of docs/operations.md."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text[text.index("## `/stats` fields") :]
+    return {code.rsplit(".", 1)[-1] for code in re.findall(r"`([\w.*]+)`", section)}
+
+
 def sync_topic_lag(exposition: str, topic: str) -> dict[str, float]:
     """memory_sync_consumer_lag of the sync topic, per partition."""
     return {
@@ -341,6 +349,14 @@ def test_scrape_counts_stats_and_lag(stack, unique_name, tmp_path):
             )
             assert sample(exposition, "memory_sync_job_last_duration_seconds", job_name=job) >= 0
             assert sample(exposition, "memory_sync_job_failures_total", job_name=job) == 0
+
+        # docs/operations.md explains every field
+        fields = docs_stats_fields()
+        shown = set(stats) | {f"{group}.{key}" for group in ("sink", "counts", "dlq") for key in stats[group]}
+        shown |= {key for part in table.values() for key in part}
+        shown |= {key for report in jobs.values() for key in report}
+        undocumented = {name for name in shown if name.rsplit(".", 1)[-1] not in fields}
+        assert not undocumented, f"docs/operations.md does not explain /stats fields {sorted(undocumented)}"
 
         status, page = worker.get_status("/stats/html")
         assert status == 200
