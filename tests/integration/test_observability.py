@@ -281,11 +281,20 @@ def test_scrape_counts_stats_and_lag(stack, unique_name, tmp_path):
             lag = sync_topic_lag(exposition, topic)
             return (
                 sample(exposition, "memory_sync_events_consumed_total") >= consumed
+                and sample(exposition, "memory_sync_rows_inserted_total") >= LOAD
+                and sample(exposition, "memory_sync_duplicate_events_skipped_total") >= DUPLICATES
                 and len(lag) == scenario.partitions
                 and not any(lag.values())
             )
 
-        wait_for(lambda: drained(LOAD + DUPLICATES), 120, "the load consumed and lag 0", worker.log)
+        wait_for(lambda: drained(LOAD + DUPLICATES), 120, "the load written and lag 0", worker.log)
+
+        # the group's committed offsets reached the end (the gauge above may be one refresh old)
+        def committed_to_the_end() -> bool:
+            lag = broker_lag(scenario)
+            return len(lag) == scenario.partitions and not any(lag.values())
+
+        wait_for(committed_to_the_end, 60, "offsets committed to the end", worker.log)
         after = scrape(worker)
         assert sample(after, "memory_sync_events_consumed_total", topic=topic) == LOAD + DUPLICATES
         assert sample(after, "memory_sync_duplicate_events_skipped_total") == DUPLICATES
@@ -386,7 +395,9 @@ def test_scrape_counts_stats_and_lag(stack, unique_name, tmp_path):
 
     # -------- the worker is stopped and events keep coming: the broker sees the lag grow
     produce(stack.kafka_bootstrap, topic, events(LOAD, LATE))
-    assert sum(broker_lag(scenario).values()) == LATE
+    stopped_lag = broker_lag(scenario)
+    assert len(stopped_lag) == scenario.partitions
+    assert sum(stopped_lag.values()) == LATE
 
     # -------- a worker whose ClickHouse is unreachable holds the batch and reports the lag
     clickhouse = settings.clickhouse
@@ -448,7 +459,9 @@ def test_scrape_counts_stats_and_lag(stack, unique_name, tmp_path):
             blocked.stop()
     finally:
         blocked.stop()
-    assert sum(broker_lag(scenario).values()) == 0
+    final_lag = broker_lag(scenario)
+    assert len(final_lag) == scenario.partitions
+    assert not any(final_lag.values())
 
 
 def test_producer_process_exposes_published_metrics(stack, unique_name, tmp_path):
