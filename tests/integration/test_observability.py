@@ -197,6 +197,7 @@ def docs_stats_fields() -> set[str]:
     """Field names (last component) in backticks in the `/stats` section of docs/operations.md."""
     text = (ROOT / "docs" / "operations.md").read_text()
     section = text[text.index("## `/stats` fields") :]
+    section = section.split("\n## ", 1)[0]
     return {code.rsplit(".", 1)[-1] for code in re.findall(r"`([\w.*]+)`", section)}
 
 
