@@ -9,6 +9,7 @@ memsync knows about the failure travels in headers, so the payload is untouched 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +123,15 @@ class DeadLetters:
         return await self.dlq_topic.send(key=message.key, value=message.value, headers=headers)
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def without_quoted_values(message: str) -> str:
+    """An error message for a web view: ClickHouse and parser errors quote the value they choked on,
+    which may be a piece of the payload, so quoted text is blanked."""
+    return _QUOTED.sub("'…'", message)
+
+
 class DlqStats:
     """Counts and latest errors of the DLQ partitions this worker reads. Never holds payloads."""
 
@@ -137,7 +147,7 @@ class DlqStats:
         self.latest.append(
             {
                 "error_class": error_class,
-                "error": _text(headers, H_ERROR)[:300],
+                "error": without_quoted_values(_text(headers, H_ERROR))[:300],
                 "attempts": int(_text(headers, H_ATTEMPTS, "0") or 0),
                 "last_failure_ms": int(_text(headers, H_LAST_FAILURE, "0") or 0),
                 "source": f"{_text(headers, H_SOURCE_TOPIC)}[{_text(headers, H_SOURCE_PARTITION)}]"

@@ -98,15 +98,15 @@ def stats() -> dict[str, Any]:
     }
 
 
-def _counter_total(counter: Any) -> float:
-    return sum(
-        sample.value for m in counter.collect() for sample in m.samples if sample.name.endswith("_total")
+def _counter_total(counter: Any) -> int:
+    return int(
+        sum(sample.value for m in counter.collect() for sample in m.samples if sample.name.endswith("_total"))
     )
 
 
-def _counter_by_label(counter: Any) -> dict[str, float]:
+def _counter_by_label(counter: Any) -> dict[str, int]:
     return {
-        next(iter(sample.labels.values()), ""): sample.value
+        next(iter(sample.labels.values()), ""): int(sample.value)
         for m in counter.collect()
         for sample in m.samples
         if sample.name.endswith("_total")

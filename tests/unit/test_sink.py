@@ -272,3 +272,11 @@ def test_pipelined_writer_raises_what_stopped_it():
         await writer.close()
 
     run(scenario())
+
+
+def test_dlq_view_blanks_quoted_values_from_error_messages():
+    from app.deadletter import without_quoted_values
+
+    message = "Code: 27. Cannot parse input: expected ',' before: 'confidential memory text'"
+    assert "confidential" not in without_quoted_values(message)
+    assert without_quoted_values(message).startswith("Code: 27. Cannot parse input")
