@@ -1,5 +1,9 @@
 """Fixtures of the fault-injection suite: an isolated pipeline per test, the stack's services (always
-left running), and the workers a test started (always stopped)."""
+left running), and the workers a test started (always stopped).
+
+The numbers each scenario measures are printed in pytest's summary ("fault-injection measurements").
+MEMSYNC_FAULTS_DEBUG=1 prints the group's lag and the row count while a test waits for the drain;
+MEMSYNC_SOAK=1 runs every scenario longer (see docs/guarantees.md)."""
 
 from __future__ import annotations
 

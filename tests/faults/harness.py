@@ -614,6 +614,8 @@ def wait_drained(
         report = group_lag(scenario)
         rows = history.count()
         state = f"lag={report.lag if report else 'kafka down'} rows={rows}/{expected_rows}"
+        if os.environ.get("MEMSYNC_FAULTS_DEBUG"):
+            print(f"{time.strftime('%H:%M:%S')} drain: {state}", flush=True)
         if report is not None and report.total == 0 and rows is not None and rows >= expected_rows:
             snapshot = (tuple(sorted(report.ends.items())), rows)
             if snapshot == last and first_seen is not None:

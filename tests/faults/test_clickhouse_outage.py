@@ -3,6 +3,10 @@
 A sink-level outage: the worker holds its batch and retries (capped, jittered backoff), stays alive,
 says so on /stats (sink "waiting") and /readyz (503), sends nothing to the DLQ, and catches up by
 itself once the server is back: the group's lag is 0 within 60 s of the server's return.
+
+Holding a batch must not cost the worker its group membership: Faust keeps polling while the agent
+waits. The worker runs with max.poll.interval at 30 s, a quarter of the outage (the default is
+1000 s), and must not rejoin the group once.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def test_clickhouse_down_for_two_minutes(scenario, services, workers, history):
     history.install_audit()
     events = make_events(scaled(20_000))
     expected = expected_ids(events)
-    worker = FaultWorker(scenario)
+    worker = FaultWorker(scenario, BROKER_MAX_POLL_INTERVAL="30")
     workers.append(worker)
     worker.start()
     timer = Timer()
@@ -85,6 +89,7 @@ def test_clickhouse_down_for_two_minutes(scenario, services, workers, history):
 
     assert worker.alive()
     assert worker.starts == 1, "the worker must ride out the outage by itself"
+    assert worker.log().count("Joined group") == 1, "the worker lost its group membership"
     assert recovery_s <= RECOVERY_LIMIT_S, f"lag back to 0 only {recovery_s:.1f}s after ClickHouse returned"
     assert sink_state(worker)["state"] == "healthy"
     assert worker.get_status("/readyz")[0] == 200
@@ -95,5 +100,5 @@ def test_clickhouse_down_for_two_minutes(scenario, services, workers, history):
         f"scenario 3 (ClickHouse down {OUTAGE_S:.0f}s at {rows_before} rows): {len(expected)} events exactly "
         f"once in {took:.0f}s; lag 0 {recovery_s:.1f}s after the server's return (limit "
         f"{RECOVERY_LIMIT_S:.0f}s); {waiting['attempts']} sink retries while down; "
-        "0 DLQ; worker never restarted"
+        "0 DLQ; worker never restarted, never left the group (max.poll.interval 30s)"
     )

@@ -34,7 +34,7 @@ def test_kafka_broker_restarts_clean_then_kill_9(scenario, services, workers, hi
     workers.append(worker)
     worker.start()
     timer = Timer()
-    producer = produce(scenario.stack.kafka_bootstrap, scenario.settings().sync_topic, events, rate=400)
+    producer = produce(scenario.stack.kafka_bootstrap, scenario.settings().sync_topic, events, rate=600)
     faults = [("down", 0.25), ("kill", 0.6)] * (3 if SOAK else 1)
     notes = []
     for how, fraction in faults:
