@@ -1,31 +1,40 @@
 """The real-time path: memory.sync.events → ClickHouse history, one batch at a time.
 
-`noack_take` because `take()` acks a batch even when the write fails (faust-streaming notes §3).
-Order per batch: write ClickHouse (retrying while it is unavailable), mark the ids in the idempotency
-table, route record-level failures, and only then ack. The writing happens on a writer task
+The agent subscribes to the sync topic (so Faust assigns its partitions, with the idempotency table's
+alongside), but its records arrive through the topic's batch lane (app/lane.py), whole fetches at a
+time, not through the stream. Order per batch: write ClickHouse (retrying while it is unavailable),
+mark the ids in the idempotency table, route record-level failures, and only then ack each message to
+the consumer, whose commits follow the acks. Writing happens on a writer task
 (app.sink.PipelinedWriter) so the next batch is collected meanwhile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from faust import StreamT
 
 from app import app, settings
+from app.lane import Delivery
 from app.runtime import history, sink
 from app.sink import PipelinedWriter
 from app.topics import sync_events
 
 
 async def sync(stream: StreamT) -> None:
-    # Each written event sets one table key, i.e. one changelog message in Faust's producer buffer.
-    # Faust holds back every incoming message while that buffer has more than `max_messages` (100)
-    # pending, which throttled consumption to the changelog's send rate; a batch's worth fits.
-    app.producer.buffer.max_messages = 2 * settings.sink_batch_max_events
-    batches = stream.noack().noack_take(settings.sink_batch_max_events, within=settings.sink_batch_within_s)
-    writer = PipelinedWriter(sink(), stream.ack)
+    consumer = app.consumer
+    lane = consumer.lanes[settings.sync_topic]
+
+    def ack(events: Sequence[Delivery]) -> None:
+        for event in events:
+            consumer.ack(event.message)
+
+    writer = PipelinedWriter(sink(), ack)
     try:
-        async for events in batches:
-            await writer.submit(events)
+        while True:
+            events = await lane.take(settings.sink_batch_max_events, settings.sink_batch_within_s)
+            if events:
+                await writer.submit(events)
     finally:
         await writer.close()
 

@@ -14,9 +14,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from faust.types import EventT, TopicT
+from faust.types import TopicT
 
 from app import metrics
+from app.lane import Delivery
 from app.sink import Failure
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ H_WORKER = "memsync.worker_id"
 MAX_ERROR_CHARS = 2000
 
 
-def headers_of(event: EventT) -> dict[str, bytes]:
+def headers_of(event: Delivery) -> dict[str, bytes]:
     raw = event.message.headers or ()
     items = raw.items() if isinstance(raw, dict) else raw
     return {key: value for key, value in items}
@@ -58,7 +59,7 @@ class FailureContext:
     source_offset: int
 
     @classmethod
-    def of(cls, event: EventT, now_ms: int) -> FailureContext:
+    def of(cls, event: Delivery, now_ms: int) -> FailureContext:
         headers = headers_of(event)
         if H_ATTEMPTS in headers:
             return cls(
@@ -140,7 +141,7 @@ class DlqStats:
         self.by_class: dict[str, int] = {}
         self.latest: list[dict[str, object]] = []
 
-    def record(self, event: EventT) -> None:
+    def record(self, event: Delivery) -> None:
         headers = headers_of(event)
         error_class = _text(headers, H_ERROR_CLASS, "unknown")
         self.by_class[error_class] = self.by_class.get(error_class, 0) + 1

@@ -6,6 +6,7 @@ from datetime import UTC
 
 import faust
 
+from app import transport
 from app.kafka_clients import kafka_ssl_context, redact_sasl_logging
 from app.settings import KafkaSecurity, Settings
 
@@ -31,8 +32,9 @@ def kafka_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT 
 
 
 def create_app(settings: Settings) -> faust.App:
-    brokers = ";".join(f"kafka://{server}" for server in settings.kafka_bootstrap_servers)
-    return faust.App(
+    # faust-streaming's aiokafka driver with two offset fixes and batch lanes (app/transport.py).
+    brokers = ";".join(f"{transport.SCHEME}://{server}" for server in settings.kafka_bootstrap_servers)
+    app = faust.App(
         settings.consumer_group,
         broker=brokers,
         broker_credentials=kafka_credentials(settings.kafka_security),
@@ -63,6 +65,11 @@ def create_app(settings: Settings) -> faust.App:
         web_graph_enabled=False,
         web_metrics_enabled=False,
     )
+    # The sync topic is read in whole fetches (app/lane.py); up to two batches wait in the lane.
+    app.batch_lanes = (  # type: ignore[attr-defined]
+        {settings.sync_topic: 2 * settings.sink_batch_max_events} if settings.enable_realtime_sync else {}
+    )
+    return app
 
 
 def event_topic(app: faust.App, settings: Settings) -> faust.TopicT:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 
-from faust.types import EventT
-
 from app import settings
 from app.deadletter import DeadLetters
 from app.history import AsyncHistory, HistoryStore
+from app.lane import Delivery
 from app.sink import HistorySink
 from app.topics import dlq_events, retry_events
 
@@ -17,15 +16,15 @@ from app.topics import dlq_events, retry_events
 class TableIndex:
     """The idempotency table (tables/processed.py) behind the sink's IdempotencyIndex protocol."""
 
-    def known(self, pairs: Sequence[tuple[EventT, str]]) -> set[str]:
+    def known(self, pairs: Sequence[tuple[Delivery, str]]) -> set[str]:
         from tables import processed
 
         return processed.known(pairs)
 
-    def mark(self, pairs: Sequence[tuple[EventT, str]]) -> None:
+    async def mark(self, pairs: Sequence[tuple[Delivery, str]]) -> None:
         from tables import processed
 
-        processed.mark(pairs)
+        await processed.mark(pairs)
 
 
 @cache

@@ -14,12 +14,11 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
-from faust.types import EventT
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -31,6 +30,7 @@ from tenacity import (
 from app import metrics
 from app.codecs import EventDecodeError, decode_event
 from app.history import AsyncHistory, HistoryRow, RowsRejected, SinkUnavailable
+from app.lane import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ REPLAY_HEADER = "memsync.replay"
 class Failure:
     """A record-level failure. `retryable` is False when retrying cannot help (undecodable bytes)."""
 
-    event: EventT
+    event: Delivery
     error_class: str
     message: str
     retryable: bool
@@ -49,7 +49,7 @@ class Failure:
 
 @dataclass(slots=True)
 class Decoded:
-    event: EventT
+    event: Delivery
     row: HistoryRow
 
 
@@ -95,9 +95,9 @@ class SinkState:
 
 
 class IdempotencyIndex(Protocol):
-    def known(self, pairs: Sequence[tuple[EventT, str]]) -> set[str]: ...
+    def known(self, pairs: Sequence[tuple[Delivery, str]]) -> set[str]: ...
 
-    def mark(self, pairs: Sequence[tuple[EventT, str]]) -> None: ...
+    async def mark(self, pairs: Sequence[tuple[Delivery, str]]) -> None: ...
 
 
 class FailureRoute(Protocol):
@@ -126,7 +126,7 @@ def _version_of(document: dict[str, Any]) -> int:
 
 
 def decode_batch(
-    events: Sequence[EventT], *, codec: str, max_document_bytes: int, source: str = "realtime"
+    events: Sequence[Delivery], *, codec: str, max_document_bytes: int, source: str = "realtime"
 ) -> tuple[list[Decoded], list[Failure]]:
     """Turn Kafka events into history rows; every event becomes exactly one row or one failure."""
     decoded: list[Decoded] = []
@@ -219,7 +219,7 @@ class HistorySink:
             self._schema_ready = True
 
     async def handle(
-        self, events: Sequence[EventT], source: str = "realtime", topic: str | None = None
+        self, events: Sequence[Delivery], source: str = "realtime", topic: str | None = None
     ) -> BatchReport:
         """Process one batch. Returns only when every event is written, skipped or routed away."""
         await self.ensure_schema()
@@ -237,7 +237,7 @@ class HistorySink:
             for row, exc in rejected:
                 failures.append(Failure(event_of[row.event_id], "rejected_by_clickhouse", str(exc), True))
             written = [d for d in fresh if d.row.event_id not in rejected_ids]
-            self.index.mark([(d.event, d.row.event_id) for d in written])
+            await self.index.mark([(d.event, d.row.event_id) for d in written])
             report.written = len(written)
             now_ms = time.time() * 1000
             for d in written:
@@ -275,7 +275,8 @@ class HistorySink:
         )
         if in_clickhouse:
             self._count_duplicates(report, "clickhouse", len(in_clickhouse))
-            self.index.mark([(d.event, d.row.event_id) for d in unknown if d.row.event_id in in_clickhouse])
+            found = [(d.event, d.row.event_id) for d in unknown if d.row.event_id in in_clickhouse]
+            await self.index.mark(found)
         return [d for d in unknown if d.row.event_id not in in_clickhouse]
 
     def _count_duplicates(self, report: BatchReport, layer: str, count: int) -> None:
@@ -329,18 +330,18 @@ class HistorySink:
 class PipelinedWriter:
     """Writes batches on a task of its own, so the agent collects the next batch meanwhile.
 
-    `noack_take` stops filling its buffer while the agent body runs; handing the batch over lets
-    collection and writing overlap. One writer, one batch in hand and at most one waiting: order is
-    kept, memory is bounded, and when ClickHouse is slow or down the agent stops taking records.
+    One writer, one batch in hand and at most one waiting: order is kept, memory is bounded, and when
+    ClickHouse is slow or down the agent stops taking records. `ack` gets each batch once it is
+    written, skipped or routed away.
     """
 
-    def __init__(self, sink: HistorySink, ack: Any) -> None:
+    def __init__(self, sink: HistorySink, ack: Callable[[Sequence[Delivery]], None]) -> None:
         self.sink = sink
         self.ack = ack
-        self.queue: asyncio.Queue[Sequence[EventT]] = asyncio.Queue(maxsize=1)
+        self.queue: asyncio.Queue[Sequence[Delivery]] = asyncio.Queue(maxsize=1)
         self.task: asyncio.Task[None] | None = None
 
-    async def submit(self, events: Sequence[EventT]) -> None:
+    async def submit(self, events: Sequence[Delivery]) -> None:
         if self.task is None:
             self.task = asyncio.create_task(self._run(), name="memsync-batch-writer")
         if self.task.done():
@@ -355,8 +356,7 @@ class PipelinedWriter:
         while True:
             events = await self.queue.get()
             await self.sink.handle(events)
-            for event in events:
-                await self.ack(event)
+            self.ack(events)
 
     async def close(self) -> None:
         """Stop the writer; a batch in hand stays unacked and is redelivered after a restart."""

@@ -8,21 +8,23 @@ does not bring them back, and `known()` ignores entries older than the horizon s
 depend on when compaction ran. Windowed tables are not used: their expiry state is rebuilt only on
 set, not on recovery (faust-streaming #385).
 
-Faust routes table reads and writes to the *current event's* partition. A batch from `noack_take` has
-no single current event, so every access here names its event explicitly.
+Reads and writes go to the partition's RocksDB directly, a batch at a time, with the same bytes in the
+same places as Faust's per-key `table[key] = value` (see `mark`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
 
-from faust.streams import _current_event
-from faust.types import EventT
+from faust.types import TP
+from rocksdict import WriteBatch
 
 from app import app, settings
+from app.lane import Delivery
 from app.topics import sync_events
 
 HORIZON_MS = settings.idempotency_horizon_hours * 3600 * 1000
@@ -69,35 +71,73 @@ def partition_stats() -> dict[int, dict[str, int | None]]:
     return result
 
 
-@contextmanager
-def as_event(event: EventT) -> Iterator[None]:
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-def known(pairs: Iterable[tuple[EventT, str]], now_ms: int | None = None) -> set[str]:
-    """The event ids of `pairs` (event, event_id) that the table holds within the horizon."""
+def known(pairs: Iterable[tuple[Delivery, str]], now_ms: int | None = None) -> set[str]:
+    """The event ids of `pairs` (delivery, event_id) that the table holds within the horizon."""
     cutoff = (now_ms if now_ms is not None else int(time.time() * 1000)) - HORIZON_MS
+    store = processed_ids.data
     found: set[str] = set()
-    for event, event_id in pairs:
-        with as_event(event):
-            first_seen = processed_ids.get(event_id)
-        if first_seen is not None and first_seen >= cutoff:
-            found.add(event_id)
+    for partition, event_ids in _by_partition(pairs).items():
+        values = store._db_for_partition(partition)[[store._encode_key(event_id) for event_id in event_ids]]
+        for event_id, raw in zip(event_ids, values, strict=True):
+            if raw is not None and store._decode_value(raw) >= cutoff:
+                found.add(event_id)
     return found
 
 
-def mark(pairs: Iterable[tuple[EventT, str]], now_ms: int | None = None) -> None:
+async def mark(pairs: Iterable[tuple[Delivery, str]], now_ms: int | None = None) -> None:
+    """Record the ids as written: one RocksDB write batch and one changelog produce per partition.
+
+    The same bytes Faust's `table[key] = value` would write, to the same places, without its cost of a
+    store call and a buffered changelog send per key (half of the real-time path's time before)."""
     written_at = now_ms if now_ms is not None else int(time.time() * 1000)
-    for event, event_id in pairs:
-        with as_event(event):
-            processed_ids[event_id] = written_at
-        partition_stats = stats.setdefault(event.message.partition, {"marked": 0, "oldest": written_at})
-        partition_stats["marked"] += 1
+    store = processed_ids.data
+    value = store._encode_value(written_at)
+    sends = []
+    for partition, event_ids in _by_partition(pairs).items():
+        keys = [store._encode_key(event_id) for event_id in event_ids]
+        batch = WriteBatch(raw_mode=True)
+        for key in keys:
+            batch.put(key, value)
+        store._db_for_partition(partition).write(batch)
+        sends.append(_send_changelog(partition, keys, value))
+        partition_stats = stats.setdefault(partition, {"marked": 0, "oldest": written_at})
+        partition_stats["marked"] += len(keys)
         partition_stats["newest"] = written_at
+    await asyncio.gather(*sends)
+
+
+def _by_partition(pairs: Iterable[tuple[Delivery, str]]) -> dict[int, list[str]]:
+    # The sync and retry topics have the table's partition count and the same key, so the delivery's
+    # partition is the table partition of its event.
+    grouped: dict[int, list[str]] = defaultdict(list)
+    for delivery, event_id in pairs:
+        grouped[delivery.message.partition].append(event_id)
+    return grouped
+
+
+async def _send_changelog(partition: int, keys: list[bytes], value: bytes | None) -> None:
+    """Produce the marks to the table's changelog partition, in as few record batches as fit."""
+    producer = app.producer._ensure_producer()
+    topic = processed_ids.changelog_topic.get_topic_name()
+    sent: list[tuple[asyncio.Future, int]] = []
+
+    async def send(batch: Any) -> None:
+        count = batch.record_count()
+        sent.append((await producer.send_batch(batch, topic, partition=partition), count))
+
+    batch = producer.create_batch()
+    for key in keys:
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            await send(batch)
+            batch = producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)
+    await send(batch)
+    last_offset = -1
+    for delivered, count in sent:
+        metadata = await delivered
+        last_offset = max(last_offset, metadata.offset + count - 1)
+    # What a recovery of this partition can skip: these marks are in the local RocksDB already.
+    processed_ids.data.set_persisted_offset(TP(topic, partition), last_offset)
 
 
 __all__ = ["known", "mark", "processed_ids", "stats", "sync_events"]

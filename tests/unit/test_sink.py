@@ -87,7 +87,7 @@ class FakeIndex:
     def known(self, pairs):
         return {event_id for _, event_id in pairs if event_id in self.ids}
 
-    def mark(self, pairs):
+    async def mark(self, pairs):
         self.ids.update(event_id for _, event_id in pairs)
 
 
@@ -237,11 +237,12 @@ def test_pipelined_writer_keeps_order_acks_after_writing_and_surfaces_a_crash():
     sink = make_sink(history=history)
     acked: list[int] = []
 
-    async def ack(event) -> None:
-        # Acked only once its row is in ClickHouse.
+    def ack(events) -> None:
+        # Acked only once their rows are in ClickHouse.
         written = {r.event_id for r in history.rows}
-        assert event_id_for("contexts", f"e{event.message.offset}", 1) in written
-        acked.append(event.message.offset)
+        for event in events:
+            assert event_id_for("contexts", f"e{event.message.offset}", 1) in written
+            acked.append(event.message.offset)
 
     async def scenario():
         writer = PipelinedWriter(sink, ack)
@@ -260,7 +261,7 @@ def test_pipelined_writer_raises_what_stopped_it():
 
     sink = make_sink()
 
-    async def broken_ack(event) -> None:
+    def broken_ack(events) -> None:
         raise RuntimeError("ack failed")
 
     async def scenario():
