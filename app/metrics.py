@@ -73,6 +73,14 @@ insert_rows = Histogram(
     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 20000, 50000, 100000),
     registry=registry,
 )
+batch_phase = Histogram(
+    "memory_sync_batch_phase_seconds",
+    "Time the sink spends per batch in each phase: decode, table (idempotency lookup), "
+    "clickhouse_lookup, insert (retries included), mark, route",
+    ["phase"],
+    buckets=LATENCY_BUCKETS,
+    registry=registry,
+)
 sink_waiting = Gauge(
     "memory_sync_sink_waiting",
     "1 while the sync agent holds a batch because ClickHouse is unavailable",

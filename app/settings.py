@@ -141,7 +141,7 @@ class Settings:
     batch_size: int = 1000
     sync_lookback_hours: int = 24
     sink_batch_max_events: int = 20000
-    sink_batch_within_s: float = 1.0
+    sink_batch_within_s: float = 0.2
     sink_backoff_max_s: float = 30.0
     max_document_bytes: int = 1_000_000
     idempotency_horizon_hours: int = 168
@@ -271,7 +271,11 @@ ENV_VARIABLES: tuple[EnvVar, ...] = (
     EnvVar("CLICKHOUSE_HISTORY_TABLE", "operational_context_history", "The history table."),
     # Sink and idempotency
     EnvVar("SINK_BATCH_MAX_EVENTS", "20000", "Most events written to ClickHouse in one insert."),
-    EnvVar("SINK_BATCH_WITHIN_SECONDS", "1.0", "Longest wait to fill a sink batch, seconds (> 0)."),
+    EnvVar(
+        "SINK_BATCH_WITHIN_SECONDS",
+        "0.2",
+        "Longest wait to fill a sink batch, seconds (> 0); under load batches fill before it.",
+    ),
     EnvVar("SINK_BACKOFF_MAX_SECONDS", "30.0",
            "Cap of the exponential backoff while ClickHouse is unavailable, seconds (> 0)."),
     EnvVar("IDEMPOTENCY_HORIZON_HOURS", "168",
@@ -755,7 +759,7 @@ def _parse(mapping: Mapping[str, str]) -> Settings:
         batch_size=env.int("BATCH_SIZE", 1000, maximum=100_000),
         sync_lookback_hours=env.int("SYNC_LOOKBACK_HOURS", 24, maximum=24 * 366),
         sink_batch_max_events=env.int("SINK_BATCH_MAX_EVENTS", 20000, maximum=1_000_000),
-        sink_batch_within_s=env.float("SINK_BATCH_WITHIN_SECONDS", 1.0),
+        sink_batch_within_s=env.float("SINK_BATCH_WITHIN_SECONDS", 0.2),
         sink_backoff_max_s=env.float("SINK_BACKOFF_MAX_SECONDS", 30.0),
         max_document_bytes=env.int("MAX_DOCUMENT_BYTES", 1_000_000, minimum=1024),
         idempotency_horizon_hours=env.int("IDEMPOTENCY_HORIZON_HOURS", 168),

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -188,6 +188,15 @@ def dedup_token(rows: Sequence[HistoryRow]) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _phase(name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.batch_phase.labels(name).observe(time.perf_counter() - started)
+
+
 class HistorySink:
     """Writes batches of events into the history table, exactly once per event_id."""
 
@@ -225,19 +234,22 @@ class HistorySink:
         await self.ensure_schema()
         report = BatchReport(consumed=len(events))
         metrics.events_consumed.labels(topic or self.topic).inc(len(events))
-        decoded, failures = decode_batch(
-            events, codec=self.codec, max_document_bytes=self.max_document_bytes, source=source
-        )
+        with _phase("decode"):
+            decoded, failures = decode_batch(
+                events, codec=self.codec, max_document_bytes=self.max_document_bytes, source=source
+            )
         fresh = self._skip_duplicates(decoded, report)
         fresh = await self._skip_already_written(fresh, report)
         if fresh:
-            rejected = await self._insert_isolating([d.row for d in fresh])
+            with _phase("insert"):
+                rejected = await self._insert_isolating([d.row for d in fresh])
             rejected_ids = {row.event_id for row, _ in rejected}
             event_of = {d.row.event_id: d.event for d in fresh} if rejected else {}
             for row, exc in rejected:
                 failures.append(Failure(event_of[row.event_id], "rejected_by_clickhouse", str(exc), True))
             written = [d for d in fresh if d.row.event_id not in rejected_ids]
-            await self.index.mark([(d.event, d.row.event_id) for d in written])
+            with _phase("mark"):
+                await self.index.mark([(d.event, d.row.event_id) for d in written])
             report.written = len(written)
             now_ms = time.time() * 1000
             for d in written:
@@ -245,7 +257,8 @@ class HistorySink:
             metrics.rows_inserted.labels(source).inc(len(written))
         if failures:
             report.failures = failures
-            await self.route.route(failures)
+            with _phase("route"):
+                await self.route.route(failures)
         return report
 
     def _skip_duplicates(self, decoded: list[Decoded], report: BatchReport) -> list[Decoded]:
@@ -263,16 +276,18 @@ class HistorySink:
     async def _skip_already_written(self, decoded: list[Decoded], report: BatchReport) -> list[Decoded]:
         if not decoded:
             return decoded
-        known = self.index.known([(d.event, d.row.event_id) for d in decoded])
+        with _phase("table"):
+            known = self.index.known([(d.event, d.row.event_id) for d in decoded])
         self._count_duplicates(report, "table", len(known))
         unknown = [d for d in decoded if d.row.event_id not in known]
         if not unknown:
             return unknown
         # One lookup per batch for ids the table does not know: rows written before a crash lost the
         # table update, or written by the batch path.
-        in_clickhouse = await self._retry_sink(
-            lambda: self.history.existing_event_ids([(d.row.entity_id, d.row.event_id) for d in unknown])
-        )
+        with _phase("clickhouse_lookup"):
+            in_clickhouse = await self._retry_sink(
+                lambda: self.history.existing_event_ids([(d.row.entity_id, d.row.event_id) for d in unknown])
+            )
         if in_clickhouse:
             self._count_duplicates(report, "clickhouse", len(in_clickhouse))
             found = [(d.event, d.row.event_id) for d in unknown if d.row.event_id in in_clickhouse]

@@ -218,9 +218,7 @@ def main() -> None:
     )
     name = "bench" + uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="memsync-bench-"))
-    scenario = Scenario(
-        stack, name, workdir, partitions=PARTITIONS, extra_env={"SINK_BATCH_WITHIN_SECONDS": "1.0"}
-    )
+    scenario = Scenario(stack, name, workdir, partitions=PARTITIONS)  # the worker's default settings
     settings: Settings = scenario.settings()
     topic = settings.sync_topic
 
