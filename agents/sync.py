@@ -10,12 +10,9 @@ the consumer, whose commits follow the acks. Writing happens on a writer task
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from faust import StreamT
 
 from app import app, settings
-from app.lane import Delivery
 from app.runtime import history, sink
 from app.sink import PipelinedWriter
 from app.topics import sync_events
@@ -25,11 +22,7 @@ async def sync(stream: StreamT) -> None:
     consumer = app.consumer
     lane = consumer.lanes[settings.sync_topic]
 
-    def ack(events: Sequence[Delivery]) -> None:
-        for event in events:
-            consumer.ack(event.message)
-
-    writer = PipelinedWriter(sink(), ack)
+    writer = PipelinedWriter(sink(), consumer.ack_batch)
     try:
         while True:
             events = await lane.take(settings.sink_batch_max_events, settings.sink_batch_within_s)

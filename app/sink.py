@@ -151,8 +151,9 @@ def decode_batch(
         except (orjson.JSONDecodeError, ValueError) as exc:
             failures.append(Failure(event, "invalid_data", f"invalid document JSON: {exc}", retryable=True))
             continue
-        headers = event.message.headers or ()
-        row_source = "replay" if any(key == REPLAY_HEADER for key, _ in _header_items(headers)) else source
+        headers = event.message.headers
+        replayed = bool(headers) and any(key == REPLAY_HEADER for key, _ in _header_items(headers))
+        row_source = "replay" if replayed else source
         decoded.append(
             Decoded(
                 event,

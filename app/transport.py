@@ -29,7 +29,7 @@ below is faust-streaming 0.15.3's own with that test made `min(acked) > committe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from faust.transport.consumer import RecordMap
@@ -37,9 +37,11 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP
+from faust.types.tuples import ack_lock
 from faust.utils.functional import consecutive_numbers
+from mode.utils.futures import notify
 
-from app.lane import BatchLane
+from app.lane import BatchLane, LaneMessage
 
 SCHEME = "memsync-kafka"
 
@@ -130,6 +132,20 @@ class Consumer(AIOKafkaConsumer):
         self._resought_from[tp] = first
         if tp in self.assignment():
             await self.seek(tp, expected)
+
+    def ack_batch(self, messages: Iterable[LaneMessage]) -> None:
+        """`Consumer.ack` for lane messages, under one lock: the bookkeeping Faust's commits follow."""
+        with ack_lock:
+            for message in messages:
+                tp, offset = message.tp, message.offset
+                committed = self._committed_offset[tp]
+                if committed is None or offset >= committed:
+                    acked_index = self._acked_index[tp]
+                    if offset not in acked_index:
+                        acked_index.add(offset)
+                        self._acked[tp].append(offset)
+                        self._n_acked += 1
+            notify(self._waiting_for_ack)
 
     def _new_offset(self, tp: TP) -> int | None:
         acked = self._acked[tp]

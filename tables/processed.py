@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from faust.types import TP
@@ -71,13 +71,32 @@ def partition_stats() -> dict[int, dict[str, int | None]]:
     return result
 
 
+def _key_encoder() -> Callable[[str], bytes]:
+    """The table's key serializer (JSON) for event ids, without Faust's registry where it is plain.
+
+    Event ids are UUIDs: printable ASCII without quotes or backslashes, whose JSON is the id in quotes.
+    Anything else goes through Faust's serializer, as does every key if the table's serializer is not
+    JSON."""
+    encode = processed_ids.data._encode_key
+    if encode("probe-id") != b'"probe-id"':
+        return encode
+
+    def encode_event_id(event_id: str) -> bytes:
+        if event_id.isascii() and event_id.isprintable() and '"' not in event_id and "\\" not in event_id:
+            return b'"' + event_id.encode() + b'"'
+        return encode(event_id)
+
+    return encode_event_id
+
+
 def known(pairs: Iterable[tuple[Delivery, str]], now_ms: int | None = None) -> set[str]:
     """The event ids of `pairs` (delivery, event_id) that the table holds within the horizon."""
     cutoff = (now_ms if now_ms is not None else int(time.time() * 1000)) - HORIZON_MS
     store = processed_ids.data
+    encode_key = _key_encoder()
     found: set[str] = set()
     for partition, event_ids in _by_partition(pairs).items():
-        values = store._db_for_partition(partition)[[store._encode_key(event_id) for event_id in event_ids]]
+        values = store._db_for_partition(partition)[[encode_key(event_id) for event_id in event_ids]]
         for event_id, raw in zip(event_ids, values, strict=True):
             if raw is not None and store._decode_value(raw) >= cutoff:
                 found.add(event_id)
@@ -92,9 +111,10 @@ async def mark(pairs: Iterable[tuple[Delivery, str]], now_ms: int | None = None)
     written_at = now_ms if now_ms is not None else int(time.time() * 1000)
     store = processed_ids.data
     value = store._encode_value(written_at)
+    encode_key = _key_encoder()
     sends = []
     for partition, event_ids in _by_partition(pairs).items():
-        keys = [store._encode_key(event_id) for event_id in event_ids]
+        keys = [encode_key(event_id) for event_id in event_ids]
         batch = WriteBatch(raw_mode=True)
         for key in keys:
             batch.put(key, value)

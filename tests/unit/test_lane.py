@@ -117,3 +117,17 @@ def test_messages_from_before_a_rebalance_are_dropped_unacked(consumer):
 def test_without_realtime_sync_there_is_no_lane():
     app = create_app(Settings(enable_realtime_sync=False))
     assert app.consumer.lanes == {}
+
+
+def test_ack_batch_is_what_the_commit_follows(consumer):
+    lane = consumer.lanes[SETTINGS.sync_topic]
+    consumer._committed_offset[SYNC] = 10
+    lane.deliver(SYNC, records(SYNC, 8, 9, 10, 11, 12, 13))
+    taken = asyncio.run(lane.take(10, within=0.01))
+    consumer.ack_batch(taken[:2])  # below the committed offset: already done, ignored
+    assert consumer._acked[SYNC] == []
+    consumer.ack_batch([taken[3], taken[4]])  # 11, 12: 10 is still in flight
+    assert consumer._new_offset(SYNC) is None
+    consumer.ack_batch(taken[2:5])  # 10, and 11 and 12 again
+    assert consumer._n_acked == 3
+    assert consumer._new_offset(SYNC) == 13
