@@ -58,6 +58,21 @@ from app.settings import ROOT, ClickHouseTarget
 
 log = logging.getLogger(__name__)
 
+
+class _ConnectFailureWithoutTraceback(logging.Filter):
+    """clickhouse-driver logs every failed connect at WARNING with a full traceback, i.e. a screenful per
+    retry during an outage. The sink already says, once, that ClickHouse is unavailable and why; the
+    driver's one line per attempt is kept, its traceback dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Failed to connect"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("clickhouse_driver.connection").addFilter(_ConnectFailureWithoutTraceback())
+
 SCHEMA_FILE = ROOT / "schemas" / "clickhouse" / "operational_context_history.sql"
 
 OPERATIONS = frozenset({"INSERT", "UPDATE", "DELETE"})

@@ -3,6 +3,7 @@ driver and chdb really raise, plus the per-row checks that name rejected rows.""
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 
@@ -249,3 +250,19 @@ def test_parse_partition(text, expected):
 
 def test_quote_escapes_what_clickhouse_unescapes():
     assert quote("a'b\\c") == "'a\\'b\\\\c'"
+
+
+def test_a_failed_connect_is_one_log_line_not_a_traceback(caplog):
+    from app.history import HistoryStore
+    from app.settings import ClickHouseTarget
+
+    with socket.socket() as unused:  # a loopback port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    store = HistoryStore.open(ClickHouseTarget(backend="server", host="127.0.0.1", port=port), "history")
+    with caplog.at_level(logging.WARNING, logger="clickhouse_driver"), pytest.raises(SinkUnavailable):
+        store.ensure_schema()
+    failures = [r for r in caplog.records if r.getMessage().startswith("Failed to connect")]
+    assert failures, "the driver's line is kept"
+    assert all(r.exc_info is None and not r.exc_text for r in failures)
+    assert "Traceback" not in caplog.text
