@@ -10,11 +10,14 @@ the consumer, whose commits follow the acks. Writing happens on a writer task
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from faust import StreamT
 
 from app import app, settings
+from app.lane import Delivery
 from app.runtime import history, sink
-from app.sink import PipelinedWriter
+from app.sink import PipelinedWriter, WriteFence
 from app.topics import sync_events
 
 
@@ -22,7 +25,12 @@ async def sync(stream: StreamT) -> None:
     consumer = app.consumer
     lane = consumer.lanes[settings.sync_topic]
 
-    writer = PipelinedWriter(sink(), consumer.ack_batch)
+    def fence_for(events: Sequence[Delivery]) -> WriteFence:
+        # A taken batch is of one generation (the lane drops older messages when it hands them out).
+        generation = events[0].message.generation_id
+        return lambda: lane.writing(generation)
+
+    writer = PipelinedWriter(sink(), consumer.ack_batch, fence_for)
     try:
         while True:
             events = await lane.take(settings.sink_batch_max_events, settings.sink_batch_within_s)

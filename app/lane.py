@@ -15,7 +15,11 @@ consumer keeps polling and keeps its group membership while ClickHouse is down.
 
 Rebalances: a message carries the generation it was fetched in. Messages of an earlier generation are
 dropped when taken, unacked: Faust seeks every partition it keeps back to its committed offset and the
-new owner of a moved one starts there, so each is read again by whoever owns it now.
+new owner of a moved one starts there, so each is read again by whoever owns it now. The same holds for
+a batch already taken: each ClickHouse write of it runs inside `writing(generation)`, which refuses
+(`StaleBatch`) once a revocation has begun, and the revocation waits for the write in flight. So a
+partition's old owner never writes after its new owner could have looked the rows up: the window in
+which both would insert the same rows is closed, not just narrow.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from faust.types import TP, Message
@@ -37,6 +42,10 @@ class Delivery(Protocol):
 
     @property
     def message(self) -> Message | LaneMessage: ...
+
+
+class StaleBatch(Exception):
+    """A batch taken before a rebalance: not written, not acked; the partitions' owners read it again."""
 
 
 class LaneMessage:
@@ -84,6 +93,10 @@ class BatchLane:
         self._pending: deque[LaneMessage] = deque()
         self._arrived = asyncio.Event()
         self._held_back: set[TP] = set()
+        self._revoked_generation: int | None = None
+        self._writes_in_flight = 0
+        self._no_writes_in_flight = asyncio.Event()
+        self._no_writes_in_flight.set()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -127,6 +140,25 @@ class BatchLane:
         for tp in {event.message.tp for event in batch}:
             inbound[tp] = now
         return batch
+
+    @asynccontextmanager
+    async def writing(self, generation: int) -> AsyncIterator[None]:
+        """Around each ClickHouse write of a batch taken in `generation`."""
+        if generation != self.consumer.app.consumer_generation_id or generation == self._revoked_generation:
+            raise StaleBatch(f"taken in generation {generation}, before a rebalance")
+        self._writes_in_flight += 1
+        self._no_writes_in_flight.clear()
+        try:
+            yield
+        finally:
+            self._writes_in_flight -= 1
+            if not self._writes_in_flight:
+                self._no_writes_in_flight.set()
+
+    async def on_partitions_revoked(self) -> None:
+        """No write of the current generation starts from now on; returns when the one in flight ends."""
+        self._revoked_generation = self.consumer.app.consumer_generation_id
+        await self._no_writes_in_flight.wait()
 
     def _release_held_back(self) -> None:
         if not self._held_back:

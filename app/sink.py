@@ -15,6 +15,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,11 +31,14 @@ from tenacity import (
 from app import metrics
 from app.codecs import EventDecodeError, decode_event
 from app.history import AsyncHistory, HistoryRow, RowsRejected, SinkUnavailable
-from app.lane import Delivery
+from app.lane import Delivery, StaleBatch
 
 log = logging.getLogger(__name__)
 
 REPLAY_HEADER = "memsync.replay"
+
+# Entered around each insert attempt of a batch; may refuse with StaleBatch (app/lane.py).
+WriteFence = Callable[[], AbstractAsyncContextManager[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,9 +233,15 @@ class HistorySink:
             self._schema_ready = True
 
     async def handle(
-        self, events: Sequence[Delivery], source: str = "realtime", topic: str | None = None
+        self,
+        events: Sequence[Delivery],
+        source: str = "realtime",
+        topic: str | None = None,
+        fence: WriteFence | None = None,
     ) -> BatchReport:
-        """Process one batch. Returns only when every event is written, skipped or routed away."""
+        """Process one batch. Returns only when every event is written, skipped or routed away.
+
+        `fence`: entered around each insert attempt; it may refuse (StaleBatch, app/lane.py)."""
         await self.ensure_schema()
         report = BatchReport(consumed=len(events))
         metrics.events_consumed.labels(topic or self.topic).inc(len(events))
@@ -243,7 +253,7 @@ class HistorySink:
         fresh = await self._skip_already_written(fresh, report)
         if fresh:
             with _phase("insert"):
-                rejected = await self._insert_isolating([d.row for d in fresh])
+                rejected = await self._insert_isolating([d.row for d in fresh], fence)
             rejected_ids = {row.event_id for row, _ in rejected}
             event_of = {d.row.event_id: d.event for d in fresh} if rejected else {}
             for row, exc in rejected:
@@ -300,22 +310,34 @@ class HistorySink:
             report.duplicates[layer] = report.duplicates.get(layer, 0) + count
             metrics.duplicates_skipped.labels(layer).inc(count)
 
-    async def _insert_isolating(self, rows: list[HistoryRow]) -> list[tuple[HistoryRow, RowsRejected]]:
+    async def _insert_isolating(
+        self, rows: list[HistoryRow], fence: WriteFence | None = None
+    ) -> list[tuple[HistoryRow, RowsRejected]]:
         """Insert rows; when ClickHouse rejects a value, bisect to find the rows it rejects."""
+        token = dedup_token(rows)
+
+        async def insert() -> None:
+            if fence is None:
+                await self.history.insert(rows, token)
+                return
+            async with fence():
+                await self.history.insert(rows, token)
+
         try:
-            await self._retry_sink(lambda: self.history.insert(rows, dedup_token(rows)))
+            await self._retry_sink(insert)
         except RowsRejected as exc:
             if exc.rows and len(exc.rows) < len(rows):
                 # Validation named the bad rows: route them, write the others.
                 bad = set(exc.rows)
                 named = [(row, exc) for index, row in enumerate(rows) if index in bad]
                 rest = [row for index, row in enumerate(rows) if index not in bad]
-                return named + await self._insert_isolating(rest)
+                return named + await self._insert_isolating(rest, fence)
             if len(rows) == 1:
                 log.warning("ClickHouse rejected event %s: %s", rows[0].event_id, exc)
                 return [(rows[0], exc)]
             middle = len(rows) // 2
-            return await self._insert_isolating(rows[:middle]) + await self._insert_isolating(rows[middle:])
+            first = await self._insert_isolating(rows[:middle], fence)
+            return first + await self._insert_isolating(rows[middle:], fence)
         metrics.insert_rows.observe(len(rows))
         self.state.recovered(len(rows))
         return []
@@ -351,9 +373,15 @@ class PipelinedWriter:
     written, skipped or routed away.
     """
 
-    def __init__(self, sink: HistorySink, ack: Callable[[Sequence[Delivery]], None]) -> None:
+    def __init__(
+        self,
+        sink: HistorySink,
+        ack: Callable[[Sequence[Delivery]], None],
+        fence_for: Callable[[Sequence[Delivery]], WriteFence] | None = None,
+    ) -> None:
         self.sink = sink
         self.ack = ack
+        self.fence_for = fence_for
         self.queue: asyncio.Queue[Sequence[Delivery]] = asyncio.Queue(maxsize=1)
         self.task: asyncio.Task[None] | None = None
 
@@ -371,7 +399,14 @@ class PipelinedWriter:
     async def _run(self) -> None:
         while True:
             events = await self.queue.get()
-            await self.sink.handle(events)
+            try:
+                await self.sink.handle(events, fence=self.fence_for(events) if self.fence_for else None)
+            except StaleBatch as exc:
+                log.warning(
+                    "Dropped a batch of %d events %s; their partitions' owners read them again",
+                    len(events), exc,
+                )
+                continue
             self.ack(events)
 
     async def close(self) -> None:

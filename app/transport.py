@@ -60,6 +60,12 @@ class Consumer(AIOKafkaConsumer):
             for topic, high_water in getattr(self.app, "batch_lanes", {}).items()
         }
 
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Before Faust hands the partitions back: a lane write in flight finishes, no other starts.
+        for lane in self.lanes.values():
+            await lane.on_partitions_revoked()
+        await super().on_partitions_revoked(revoked)
+
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed = await super().seek_to_committed()
         self._note_sought(committed)

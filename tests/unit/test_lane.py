@@ -13,6 +13,7 @@ from faust.types import TP
 
 from app import transport
 from app.factory import create_app
+from app.lane import StaleBatch
 from app.settings import Settings
 
 SETTINGS = Settings()
@@ -131,3 +132,80 @@ def test_ack_batch_is_what_the_commit_follows(consumer):
     consumer.ack_batch(taken[2:5])  # 10, and 11 and 12 again
     assert consumer._n_acked == 3
     assert consumer._new_offset(SYNC) == 13
+
+
+def test_a_batch_is_written_only_while_its_generation_holds_its_partitions(consumer):
+    lane = consumer.lanes[SETTINGS.sync_topic]
+    taken_in = consumer.app.consumer_generation_id
+
+    async def write_once(generation: int) -> None:
+        async with lane.writing(generation):
+            pass
+
+    asyncio.run(write_once(taken_in))
+    asyncio.run(lane.on_partitions_revoked())  # a rebalance begins
+    with pytest.raises(StaleBatch):
+        asyncio.run(write_once(taken_in))
+    consumer.app.consumer_generation_id += 1  # ... and assigns again
+    with pytest.raises(StaleBatch):
+        asyncio.run(write_once(taken_in))
+    asyncio.run(write_once(consumer.app.consumer_generation_id))  # batches of the new generation write
+
+
+def test_a_revocation_waits_for_the_write_in_flight(consumer):
+    lane = consumer.lanes[SETTINGS.sync_topic]
+    order: list[str] = []
+
+    async def scenario():
+        insert_started = asyncio.Event()
+
+        async def insert() -> None:
+            async with lane.writing(consumer.app.consumer_generation_id):
+                insert_started.set()
+                await asyncio.sleep(0.05)
+                order.append("insert done")
+
+        writing = asyncio.ensure_future(insert())
+        await insert_started.wait()
+        await lane.on_partitions_revoked()
+        order.append("revoked")
+        await writing
+
+    asyncio.run(scenario())
+    assert order == ["insert done", "revoked"]
+
+
+def test_the_writer_drops_a_stale_batch_unacked_and_goes_on(consumer):
+    from app.sink import PipelinedWriter
+
+    lane = consumer.lanes[SETTINGS.sync_topic]
+    handled: list[list[int]] = []
+    acked: list[list[int]] = []
+
+    class Sink:
+        async def handle(self, events, fence=None):
+            async with fence():
+                handled.append(offsets(events))
+
+    async def scenario():
+        old = consumer.app.consumer_generation_id
+        lane.deliver(SYNC, records(SYNC, 0, 1))
+        stale = await lane.take(10, within=0.01)
+        await lane.on_partitions_revoked()
+        consumer.app.consumer_generation_id = old + 1
+        lane.deliver(SYNC, records(SYNC, 0, 1, 2))
+        fresh = await lane.take(10, within=0.01)
+        writer = PipelinedWriter(
+            Sink(),
+            lambda events: acked.append(offsets(events)),
+            lambda events: (lambda: lane.writing(events[0].message.generation_id)),
+        )
+        await writer.submit(stale)
+        await writer.submit(fresh)
+        while not acked:
+            await asyncio.sleep(0.01)
+        await writer.close()
+
+    asyncio.run(scenario())
+    assert handled == [[0, 1, 2]]
+    assert acked == [[0, 1, 2]]
