@@ -81,6 +81,11 @@ batch_phase = Histogram(
     buckets=LATENCY_BUCKETS,
     registry=registry,
 )
+stale_batches = Counter(
+    "memory_sync_stale_batches_dropped_total",
+    "Batches taken before a rebalance and dropped unwritten (their partitions' owners read them again)",
+    registry=registry,
+)
 sink_waiting = Gauge(
     "memory_sync_sink_waiting",
     "1 while the sync agent holds a batch because ClickHouse is unavailable",

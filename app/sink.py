@@ -402,6 +402,7 @@ class PipelinedWriter:
             try:
                 await self.sink.handle(events, fence=self.fence_for(events) if self.fence_for else None)
             except StaleBatch as exc:
+                metrics.stale_batches.inc()
                 log.warning(
                     "Dropped a batch of %d events %s; their partitions' owners read them again",
                     len(events), exc,

@@ -117,11 +117,14 @@ def test_worker_joins_while_clickhouse_is_down(scenario, services, workers, hist
     assert_exactly_once(history, expected)
     assert_audit_clean(history, expected)
     assert_no_dead_letters(scenario)
+    # w1's held batch was taken before w2 joined: it must have been dropped, not written.
+    dropped = first.metric("memory_sync_stale_batches_dropped_total")
+    assert dropped >= 1, "w1's batch from before the rebalance was not fenced off"
     counts = [first.lifetime(), second.lifetime()]
     measure(
         f"scenario 6b (w2 joins while ClickHouse is down and w1 holds a batch): {len(expected)} events "
         f"exactly once in {took:.0f}s (drained {drained_at - back_at:.0f}s after ClickHouse returned); "
         f"rows written w1={counts[0]['inserted']:.0f} w2={counts[1]['inserted']:.0f}; "
-        f"found already written by the lookup "
+        f"stale batches dropped w1={dropped:.0f}; found already written by the lookup "
         f"w1={counts[0]['dup_clickhouse']:.0f} w2={counts[1]['dup_clickhouse']:.0f}"
     )
