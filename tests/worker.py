@@ -149,15 +149,23 @@ class Worker:
             self.process.wait(30)
 
 
-def wait_for(
-    condition: Callable[[], object], timeout: float, what: str, context: Callable[[], str] | None = None
-) -> object:
+def poll(condition: Callable[[], object], timeout: float, interval: float = 0.5) -> object:
+    """The condition's first truthy result within `timeout` seconds, polled every `interval`; else None."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = condition()
         if result:
             return result
-        time.sleep(0.5)
+        time.sleep(interval)
+    return None
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, context: Callable[[], str] | None = None
+) -> object:
+    result = poll(condition, timeout)
+    if result:
+        return result
     detail = ""
     if context is not None:
         detail = "\n--- last log lines ---\n" + "\n".join(context().splitlines()[-40:])

@@ -28,7 +28,7 @@ from app.codecs import encode_event
 from app.history import HistoryStore
 from app.identity import event_id_for, operation_for
 from tests.conftest import ROOT, StackEnv
-from tests.worker import Scenario, Worker
+from tests.worker import Scenario, Worker, poll
 
 SOAK = os.environ.get("MEMSYNC_SOAK") == "1"
 STACK = ROOT / "scripts" / "stack"
@@ -577,12 +577,9 @@ def wait_until(
     workers: Sequence[Worker] = (),
     interval: float = 0.5,
 ) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
+    result = poll(condition, timeout, interval)
+    if result:
+        return result
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{log_tails(workers)}")
 
 
