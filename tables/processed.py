@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import cache
 from typing import Any
 
 from faust.types import TP
@@ -71,6 +72,7 @@ def partition_stats() -> dict[int, dict[str, int | None]]:
     return result
 
 
+@cache
 def _key_encoder() -> Callable[[str], bytes]:
     """The table's key serializer (JSON) for event ids, without Faust's registry where it is plain.
 
