@@ -7,16 +7,19 @@ rendered and checked.
 Schemas: every built-in object is validated offline with `kubernetes-validate` (PyPI; it bundles the
 Kubernetes OpenAPI schemas), in strict mode (unknown fields are errors), against the oldest Kubernetes
 we support and the newest the package knows. The Prometheus Operator objects (ServiceMonitor,
-PrometheusRule) are custom resources whose schemas kubernetes-validate does not ship, and no package
-from this project's registries provides them in a maintained form; they are validated structurally
-against `CRD_SCHEMAS` below, a strict subset of the operator's monitoring.coreos.com/v1 CRDs covering
-the fields these manifests use (unknown fields are errors there too). Their content is then checked
-for meaning: the rules by promtool (tests/unit/test_alert_rules.py), the scrape target here.
+PrometheusRule) are custom resources, which kubernetes-validate does not know; `k8s/monitoring-check`
+decodes them strictly into the operator's own Go API types (the Go module
+github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring, pinned in
+k8s/monitoring-check-go/go.mod, built once and cached like kustomize): an unknown or misspelled field,
+a duplicate key or a wrongly typed value is an error. The Go types do not carry the CRDs' string
+patterns and enums, so their content is then checked for meaning: the rules by promtool
+(tests/unit/test_alert_rules.py), the scrape target here.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import importlib.util
 import re
@@ -31,9 +34,12 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.kafka_secure_broker import make_pki
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUSTOMIZE = K8S / "kustomize"
+MONITORING_CHECK = K8S / "monitoring-check"
 RULES_FILE = K8S / "base" / "alerts" / "memsync-alerts.rules.yml"
 SECRET_EXAMPLE = K8S / "base" / "secret.example.yaml"
 KUSTOMIZATIONS = {"base": K8S / "base", "production": K8S / "overlays" / "production"}
@@ -210,128 +216,42 @@ def rendered(request: pytest.FixtureRequest) -> tuple[dict[str, Any], ...]:
 
 # ------------------------------------------------------------------ schemas
 
-_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_METADATA = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-        "namespace": {"type": "string"},
-        "labels": _STRING_MAP,
-        "annotations": _STRING_MAP,
-    },
-    "additionalProperties": False,
-}
-_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
-             r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
-_LABEL_SELECTOR = {
-    "type": "object",
-    "properties": {
-        "matchLabels": _STRING_MAP,
-        "matchExpressions": {"type": "array", "items": {"type": "object"}},
-    },
-    "additionalProperties": False,
-}
+MONITORING_GROUP = "monitoring.coreos.com"
 
-# A strict subset of the Prometheus Operator's monitoring.coreos.com/v1 CRD schemas (field names,
-# types and patterns as in the operator's CRDs), for the fields these manifests use.
-CRD_SCHEMAS: dict[str, dict[str, Any]] = {
-    "ServiceMonitor": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": "ServiceMonitor"},
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "required": ["selector", "endpoints"],
-                "properties": {
-                    "selector": _LABEL_SELECTOR,
-                    "namespaceSelector": {
-                        "type": "object",
-                        "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array"}},
-                        "additionalProperties": False,
-                    },
-                    "jobLabel": {"type": "string"},
-                    "endpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "port": {"type": "string"},
-                                "path": {"type": "string"},
-                                "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                                "interval": _DURATION,
-                                "scrapeTimeout": _DURATION,
-                                "honorLabels": {"type": "boolean"},
-                                "honorTimestamps": {"type": "boolean"},
-                            },
-                            "additionalProperties": False,
-                        },
-                    },
-                },
-                "additionalProperties": False,
-            },
-        },
-        "additionalProperties": False,
-    },
-    "PrometheusRule": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "kind": {"const": "PrometheusRule"},
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "properties": {
-                    "groups": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["name"],
-                            "properties": {
-                                "name": {"type": "string", "minLength": 1},
-                                "interval": _DURATION,
-                                "rules": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["expr"],
-                                        "properties": {
-                                            "alert": {"type": "string"},
-                                            "record": {"type": "string"},
-                                            "expr": {"type": ["string", "integer"]},
-                                            "for": _DURATION,
-                                            "keep_firing_for": _DURATION,
-                                            "labels": _STRING_MAP,
-                                            "annotations": _STRING_MAP,
-                                        },
-                                        "additionalProperties": False,
-                                    },
-                                },
-                            },
-                            "additionalProperties": False,
-                        },
-                    },
-                },
-                "additionalProperties": False,
-            },
-        },
-        "additionalProperties": False,
-    },
-}
+
+class InvalidObject(Exception):
+    """A rendered object its validator rejects (the message says which field and why)."""
+
+
+def monitoring_verdicts(objects: list[dict[str, Any]]) -> list[str]:
+    """k8s/monitoring-check's verdict line for each monitoring.coreos.com object, in order."""
+    result = subprocess.run(
+        [str(MONITORING_CHECK)],
+        input=yaml.safe_dump_all(objects, sort_keys=False),
+        capture_output=True,
+        text=True,
+        timeout=900,  # the first call may build the checker (scripts/bootstrap normally did already)
+        check=False,
+    )
+    verdicts = result.stdout.splitlines()
+    # Exit 1 means "an object is invalid", which its line says; anything else is the tool failing.
+    assert result.returncode in (0, 1), f"k8s/monitoring-check failed:\n{result.stderr}"
+    assert len(verdicts) == len(objects), f"not every object was checked:\n{result.stdout}{result.stderr}"
+    return verdicts
 
 
 def validate(obj: dict[str, Any]) -> None:
-    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-        assert obj["kind"] in CRD_SCHEMAS, f"no structural schema for {obj['kind']}"
-        jsonschema.Draft7Validator(CRD_SCHEMAS[obj["kind"]]).validate(obj)
+    """Strict validation: an unknown or misspelled field is an error, for built-in and custom objects."""
+    if obj["apiVersion"].split("/")[0] == MONITORING_GROUP:
+        (verdict,) = monitoring_verdicts([obj])
+        if not verdict.startswith("valid "):
+            raise InvalidObject(verdict)
         return
     for version in KUBERNETES_VERSIONS:
-        kubernetes_validate.validate(obj, version, strict=True)
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except jsonschema.ValidationError as error:  # kubernetes_validate.ValidationError subclasses it
+            raise InvalidObject(f"Kubernetes {version}: {error.message} at {list(error.path)}") from error
 
 
 def test_every_object_is_schema_valid(rendered):
@@ -343,24 +263,55 @@ def test_every_object_is_schema_valid(rendered):
     for obj in rendered:
         try:
             validate(obj)
-        except jsonschema.ValidationError as error:  # kubernetes_validate.ValidationError subclasses it
-            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {error.message} at {list(error.path)}")
+        except InvalidObject as error:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {error}")
 
 
 def test_the_secret_example_is_schema_valid():
     validate(secret_example())
 
 
-def test_validation_rejects_a_typo():
-    """The validators are strict: an unknown field is an error, for built-in and custom objects."""
-    statefulset = only(render("base"), "StatefulSet")
-    broken = {**statefulset, "spec": {**statefulset["spec"], "replica": 3}}
-    with pytest.raises(jsonschema.ValidationError):
-        validate(broken)
-    monitor = only(render("base"), "ServiceMonitor")
-    broken = {**monitor, "spec": {**monitor["spec"], "endpoint": []}}
-    with pytest.raises(jsonschema.ValidationError):
-        validate(broken)
+def _with(obj: dict[str, Any], path: tuple[str | int, ...], rename: str) -> dict[str, Any]:
+    """A deep copy of `obj` whose field at `path` is renamed to `rename` (a typo)."""
+    broken = copy.deepcopy(obj)
+    *parents, name = path
+    holder: Any = broken
+    for key in parents:
+        holder = holder[key]
+    holder[rename] = holder.pop(name)
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "typo"),
+    [
+        ("StatefulSet", ("spec", "replicas"), "replica"),
+        ("ServiceMonitor", ("spec", "endpoints", 0, "interval"), "intervall"),
+        ("ServiceMonitor", ("spec", "selector"), "selectors"),
+        ("ServiceMonitor", ("metadata", "labels"), "label"),
+        ("PrometheusRule", ("spec", "groups", 0, "rules", 0, "expr"), "expression"),
+        ("PrometheusRule", ("spec", "groups", 0, "rules", 0, "for"), "four"),
+    ],
+    ids=lambda value: ".".join(map(str, value)) if isinstance(value, tuple) else value,
+)
+def test_validation_rejects_a_typo(kind, path, typo):
+    """The validators are strict: a misspelled field is an error, for built-in and custom objects."""
+    obj = only(render("base"), kind)
+    validate(obj)  # the original is valid: the typo alone is what fails
+    with pytest.raises(InvalidObject, match=typo):
+        validate(_with(obj, path, typo))
+
+
+def test_monitoring_check_rejects_a_wrong_type_and_an_unchecked_kind():
+    monitor = copy.deepcopy(only(render("base"), "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["honorLabels"] = "no"
+    probe = {"apiVersion": "monitoring.coreos.com/v1", "kind": "Probe", "metadata": {"name": "x"}, "spec": {}}
+    old = {**only(render("base"), "PrometheusRule"), "apiVersion": "monitoring.coreos.com/v1alpha1"}
+    verdicts = monitoring_verdicts([monitor, probe, old])
+    assert verdicts[0].startswith("invalid ServiceMonitor/memsync:"), verdicts
+    assert "bool" in verdicts[0], verdicts
+    assert verdicts[1].startswith("invalid Probe/x: kind Probe is not checked"), verdicts
+    assert verdicts[2].startswith("invalid PrometheusRule/memsync: apiVersion"), verdicts
 
 
 # ------------------------------------------------------------------ invariants
@@ -419,8 +370,13 @@ def test_secrets_come_from_files_of_a_secret_volume(rendered):
 
 
 def test_the_rendered_configuration_is_accepted_by_settings(rendered, tmp_path):
-    """The environment the pod gets parses with app/settings.py (files of Secret volumes stand in by
-    temporary files holding the example Secret's values)."""
+    """The environment the pod gets parses with app/settings.py, and the Faust app built from it keeps
+    its tables on the pod's own volume (files of Secret volumes stand in by temporary files holding
+    the example Secret's values, and a CA generated here for a CA item)."""
+    from app.factory import create_app
+    from app.settings import Settings
+
+    test_ca = make_pki(tmp_path / "pki").ca_cert.read_text()
     container = worker_container(rendered)
     pod = only(rendered, "StatefulSet")["spec"]["template"]["spec"]
     example = secret_example()["stringData"]
@@ -429,7 +385,7 @@ def test_the_rendered_configuration_is_accepted_by_settings(rendered, tmp_path):
     for mount in container["volumeMounts"]:
         volume = volumes.get(mount["name"], {})
         for item in volume.get("secret", {}).get("items", []):
-            content = example.get(item["key"], "-----BEGIN CERTIFICATE-----\n(test)\n")
+            content = example.get(item["key"], test_ca)
             stand_in = tmp_path / mount["name"] / item["path"]
             stand_in.parent.mkdir(exist_ok=True)
             stand_in.write_text(content)
@@ -445,6 +401,15 @@ def test_the_rendered_configuration_is_accepted_by_settings(rendered, tmp_path):
     settings = settings_module().Settings.from_env(env)
     assert str(settings.data_dir) == env["MEMSYNC_DATA_DIR"]
     assert settings.kafka_security.protocol == "SASL_SSL"
+
+    # Faust's RocksDB tables live under app.conf.tabledir: it must be inside the PVC mount, or every
+    # restart would recover all tables from their changelogs (and pods could share a directory).
+    faust_app = create_app(Settings.from_env(env))
+    data_volume = Path(env["MEMSYNC_DATA_DIR"])
+    assert data_volume.is_absolute()
+    assert Path(faust_app.conf.tabledir).is_relative_to(data_volume), (
+        f"Faust's tabledir {faust_app.conf.tabledir} is not on the data volume {data_volume}"
+    )
 
 
 def test_each_worker_has_its_own_data_volume_mounted_at_memsync_data_dir(rendered):
