@@ -1,5 +1,8 @@
 .PHONY: deps stack-up stack-down run test lint bench-realtime bench-batch
 
+# Not PYTHON: scripts/bootstrap reads that from the environment to name the interpreter that builds .venv.
+VENV_PYTHON = .venv/bin/python
+
 deps:
 	scripts/bootstrap
 
@@ -20,8 +23,10 @@ test:
 lint:
 	.venv/bin/ruff check .
 
+# `exports=$$(...)` fails when `stack up` does, where `eval "$$(scripts/stack up)"` would succeed on the
+# empty output and run the bench against no stack. VENV_PYTHON is overridable (tests check the recipe stops).
 bench-realtime: deps
-	eval "$$(scripts/stack up)" && .venv/bin/python -m bench.realtime
+	exports=$$(scripts/stack up) && eval "$$exports" && $(VENV_PYTHON) -m bench.realtime
 
 bench-batch: deps
-	eval "$$(scripts/stack up)" && .venv/bin/python -m bench.batch
+	exports=$$(scripts/stack up) && eval "$$exports" && $(VENV_PYTHON) -m bench.batch
