@@ -39,8 +39,11 @@ def test_kafka_produce_consume_round_trip(stack, unique_name):
         )
         await consumer.start()
         received: list[tuple[bytes, bytes]] = []
+        # A broker that stops delivering must fail the test, not hang it.
+        deadline = asyncio.get_running_loop().time() + 60
         try:
             while len(received) < 10:
+                assert asyncio.get_running_loop().time() < deadline, f"{len(received)}/10 consumed in 60s"
                 batches = await asyncio.wait_for(consumer.getmany(timeout_ms=1000), 30)
                 for records in batches.values():
                     received.extend((r.key, r.value) for r in records)
@@ -118,7 +121,8 @@ def test_chdb_runs_the_same_statements(tmp_path, unique_name):
     sess = chs.Session(str(tmp_path / "chdb"))
     try:
         version = sess.query("SELECT version()", "CSV").data()
-        assert int(version.strip().strip('"').split(".")[0]) >= 24
+        # chdb>=4.4 (setup.cfg) embeds the 26.x engine the issue names as the modern backend.
+        assert int(version.strip().strip('"').split(".")[0]) >= 26, version
         for statement in STATEMENTS[:2]:
             sess.query(statement.format(t=unique_name))
         result = sess.query(STATEMENTS[2].format(t=unique_name), "CSV").data()
