@@ -167,6 +167,8 @@ def test_compose_uses_the_official_images():
     (kafka_version,) = re.findall(r'^KAFKA_VERSION = "([^"]+)"', stack, flags=re.MULTILINE)
     assert services["kafka"]["image"] == f"apache/kafka:{kafka_version}", "same Kafka as scripts/stack"
     assert "broker,controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
+    # As in scripts/stack: the app creates its topics, so a misspelt topic fails instead of appearing.
+    assert str(services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"]) == "false"
 
 
 def test_compose_worker_is_built_from_the_dockerfile_and_runs_the_same_command():
