@@ -1,4 +1,5 @@
-"""Secrets never leave `Secret`: not through repr/str, descriptions, error messages or debug logs."""
+"""Secrets never leave `Secret`: not through repr/str, descriptions, error messages or debug logs;
+and the Kafka credentials never downgrade SASL_SSL to SASL_PLAINTEXT (the password in clear)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import dataclasses
 import json
 import logging
 import pickle
+import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
 from aiokafka.protocol.admin import SaslAuthenticateRequest_v1, SaslHandShakeRequest_v1
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from app.factory import create_app, kafka_credentials
-from app.kafka_clients import kafka_ssl_context, redact_sasl_logging
+from app.kafka_clients import kafka_security_kwargs, kafka_ssl_context, redact_sasl_logging
 from app.settings import Secret, Settings, SettingsError, check_tls_files, redact_mongodb_uri
 from tests.kafka_secure_broker import make_pki
 
@@ -183,3 +186,36 @@ def test_tls_file_errors_never_quote_the_key_password(tmp_path):
         with pytest.raises(SettingsError, match="KAFKA_SSL_KEY_PASSWORD right") as caught:
             check()
         _assert_clean(str(caught.value))
+
+
+# ---------------------------------------------------------------- Kafka protocol: no silent downgrade
+# Here, not in tests/integration/test_kafka_security.py, because it needs no broker: a unit run catches
+# credentials that would send a SASL password over plaintext.
+
+
+@pytest.mark.parametrize(
+    ("protocol", "mechanism"),
+    [("SSL", ""), ("SASL_SSL", "SCRAM-SHA-512"), ("SASL_SSL", "PLAIN"), ("SASL_PLAINTEXT", "SCRAM-SHA-256")],
+)
+def test_faust_credentials_keep_the_configured_protocol(tmp_path, protocol, mechanism):
+    """Faust's SASLCredentials means SASL_PLAINTEXT unless given an SSL context: ours never downgrade."""
+    ca = make_pki(tmp_path).ca_cert
+    env = {"KAFKA_SECURITY_PROTOCOL": protocol}
+    if protocol.startswith("SASL"):
+        env |= {"KAFKA_SASL_MECHANISM": mechanism, "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"}
+    if protocol.endswith("SSL"):
+        env["KAFKA_SSL_CA_FILE"] = str(ca)
+    security = Settings.from_env(env).kafka_security
+    faust_auth = credentials_to_aiokafka_auth(kafka_credentials(security))
+    plain_auth = kafka_security_kwargs(security)
+    assert faust_auth["security_protocol"] == plain_auth["security_protocol"] == protocol
+    if protocol.startswith("SASL"):
+        assert faust_auth["sasl_mechanism"] == plain_auth["sasl_mechanism"] == mechanism
+        assert faust_auth["sasl_plain_username"] == "u"
+    if protocol.endswith("SSL"):
+        for context in (faust_auth["ssl_context"], plain_auth["ssl_context"]):
+            assert context.verify_mode == ssl.CERT_REQUIRED
+            assert context.check_hostname
+    else:
+        assert faust_auth["ssl_context"] is None
+        assert "ssl_context" not in plain_auth
