@@ -4,8 +4,9 @@ Faust's crontab runs its function inline on every worker, kills the worker when 
 `on_leader` silently skips a day when a rebalance happens at fire time (faust-streaming notes §6). So:
 
 1. Every worker's crontab only *requests* the run: a (job, scheduled time) message on the control
-   topic. So does every worker at start, for the latest scheduled time of each job within the last
-   day (the catch-up of a run missed while no worker was up).
+   topic. So does every worker at start, for every scheduled time of each job within the last
+   CATCH_UP_HORIZON (the catch-up of runs missed while no worker was up, or left failed or interrupted
+   by a crashed owner; the ones already done are skipped by a table lookup).
 2. The control topic has one partition; the worker that owns it runs the `scheduler` agent, which
    decides with the `scheduled-runs` table (tables/schedules.py): a run already done, or running here,
    is skipped; otherwise it is recorded as running and started as a background task. The event is
@@ -15,7 +16,9 @@ Faust's crontab runs its function inline on every worker, kills the worker when 
 4. When the worker loses the control partition or stops, its jobs are cancelled (each lets an
    in-flight write land first) and reported interrupted; the new owner continues them from their
    checkpoints. A crashed owner leaves its run `running`: the next request for it (any worker's start
-   or the next fire) continues it.
+   or the next fire) continues it. A stop that times out may leave the old task running while the
+   new owner continues the run: the run store fences checkpoint writes by attempt number, so the old
+   copy stops at its next write (`reconcile.Superseded`), logged and not counted as a failure.
 
 Jobs never block the loop (async MongoDB, ClickHouse on executor threads, CPU work in threads) and
 never kill the worker: every error is logged, counted (memory_sync_job_failures_total) and shown in
@@ -60,7 +63,12 @@ log = logging.getLogger(__name__)
 # operator runs it by hand; earlier failures are retried after these delays.
 MAX_FAILURES = 3
 RETRY_DELAYS_S = (60.0, 300.0)
-CATCH_UP_HORIZON = timedelta(days=1)
+# How far back a starting worker requests scheduled runs. Several days, not one: a run that failed or
+# was interrupted on an older date (the worker crashed, the retries ran out over a weekend) is retried
+# too, not only the latest date. Runs already done cost one table lookup each.
+CATCH_UP_HORIZON = timedelta(days=3)
+# How often every worker re-reads the last successful runs (CLI runs included) for the stale alert.
+LAST_SUCCESS_REFRESH_S = 300.0
 # A crontab may wake a little early; the scheduled time is the latest one up to this much later.
 FIRE_TOLERANCE = timedelta(seconds=1)
 SEND_ATTEMPTS = 5
@@ -112,6 +120,17 @@ def scheduled_time(schedule: str, now: datetime) -> datetime:
     """The latest time of `schedule` at or before `now` (UTC)."""
     prev: datetime = croniter(schedule, now.astimezone(UTC)).get_prev(datetime)
     return prev.astimezone(UTC)
+
+
+def scheduled_times(schedule: str, now: datetime, horizon: timedelta = CATCH_UP_HORIZON) -> list[datetime]:
+    """Every time of `schedule` in (now - horizon, now], oldest first."""
+    times: list[datetime] = []
+    it = croniter(schedule, now.astimezone(UTC))
+    while True:
+        moment: datetime = it.get_prev(datetime).astimezone(UTC)
+        if now - moment > horizon:
+            return times[::-1]
+        times.append(moment)
 
 
 # ------------------------------------------------------------------ requests
@@ -166,30 +185,48 @@ async def retention_on_schedule() -> None:
 
 @app.task
 async def catch_up() -> None:
-    """At start: request the latest scheduled run of each job if it fell within the last day. Runs
-    already done are skipped by the scheduler, so every worker may ask."""
+    """At start: request every scheduled run of each job within CATCH_UP_HORIZON. Runs already done
+    are skipped by the scheduler, so every worker may ask."""
     try:
         now = datetime.now(UTC)
         for job, schedule in SCHEDULES.items():
-            latest = scheduled_time(schedule, now)
-            if now - latest <= CATCH_UP_HORIZON:
-                await request(job, latest, "catch-up at start")
+            for moment in scheduled_times(schedule, now):
+                await request(job, moment, "catch-up at start")
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("scheduler: catch-up requests failed; the next scheduled time will run as usual")
 
 
+@app.task
+async def restore_last_success() -> None:
+    """At start: the last-success gauge from the run store, so a restart does not reset the
+    reconciliation-stale alert's input and a `sync-batch` run counts as a success."""
+    await jobs.refresh_last_success()
+
+
+@app.timer(LAST_SUCCESS_REFRESH_S)
+async def refresh_last_success() -> None:
+    # Picks up `sync-batch` runs finished while this worker is up (refresh_last_success never raises).
+    await jobs.refresh_last_success()
+
+
 # ------------------------------------------------------------------ running jobs
 
 
 class JobRunner:
-    """The background tasks of the jobs this worker runs, and their delayed retries."""
+    """The background tasks of the jobs this worker runs, and their delayed retries.
+
+    One run of a job at a time: the catch-up requests several dates at once, and concurrent runs of
+    one job would only compete for the same servers (retention's mutations on the same data types).
+    A run waiting for its turn is `running` in the table, and started in request order (oldest first).
+    """
 
     def __init__(self, jobs_by_name: dict[str, Job]) -> None:
         self.jobs = jobs_by_name
         self.active: dict[str, asyncio.Task[None]] = {}
         self.retries: set[asyncio.Task[None]] = set()
+        self.turns: dict[str, asyncio.Lock] = {}
 
     def start(self, key: str, job: str, scheduled_for: datetime, attempt: int) -> None:
         task = asyncio.ensure_future(self._run(key, job, scheduled_for, attempt))
@@ -202,15 +239,25 @@ class JobRunner:
         task.add_done_callback(forget)
 
     async def _run(self, key: str, job: str, scheduled_for: datetime, attempt: int) -> None:
-        jobs.started(job, scheduled_for.isoformat(), run=key, attempt=attempt)
-        log.info("scheduler: %s started (attempt %d)", key, attempt)
+        turn = self.turns.setdefault(job, asyncio.Lock())
         try:
-            summary = await self.jobs[job](scheduled_for)
+            if turn.locked():
+                log.info("scheduler: %s waits for the %s run in progress", key, job)
+            async with turn:
+                jobs.started(job, scheduled_for.isoformat(), run=key, attempt=attempt)
+                log.info("scheduler: %s started (attempt %d)", key, attempt)
+                summary = await self.jobs[job](scheduled_for)
         except asyncio.CancelledError:
             jobs.interrupted(job, "cancelled: control partition revoked or worker stopping")
             log.warning("scheduler: %s interrupted; it continues from its checkpoint", key)
             await self._report(key, job, scheduled_for, attempt, INTERRUPTED, "interrupted")
             raise
+        except reconcile.Superseded as exc:
+            # Not a failure: a newer attempt (another owner, after this copy's stop timed out) has the
+            # run. No report either: the table tracks that attempt, and would ignore this one's.
+            jobs.interrupted(job, f"superseded: {exc}")
+            log.warning("scheduler: %s attempt %d stopped: a later attempt owns the run", key, attempt)
+            return
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("scheduler: %s failed: %s", key, error, exc_info=True)
@@ -218,6 +265,7 @@ class JobRunner:
             await self._report(key, job, scheduled_for, attempt, FAILED, error)
             return
         jobs.finished(job, summary)
+        await jobs.refresh_last_success()
         log.info("scheduler: %s done", key)
         await self._report(key, job, scheduled_for, attempt, DONE, None)
 
@@ -349,4 +397,14 @@ async def scheduler(stream: StreamT) -> None:
             log.exception("scheduler: handling %s for %s failed", message.kind, message.key)
 
 
-__all__ = ["JOBS", "SCHEDULES", "JobRunner", "run_key", "runner", "scheduled_time", "scheduler"]
+__all__ = [
+    "CATCH_UP_HORIZON",
+    "JOBS",
+    "SCHEDULES",
+    "JobRunner",
+    "run_key",
+    "runner",
+    "scheduled_time",
+    "scheduled_times",
+    "scheduler",
+]

@@ -1,14 +1,14 @@
 """`faust -A app <command>`: operations an operator runs on demand, next to `faust -A app worker`.
 
-    faust -A app sync-batch [--since ISO | --hours N] [--collection C ...] [--dry-run] [--resume]
-    faust -A app retention [--dry-run]
+    faust -A app sync-batch [--since ISO | --hours N] [--collection C ...] [--dry-run] [--json] [--resume]
+    faust -A app retention [--dry-run] [--json]
     faust -A app dlq-replay [--since ISO] [--until ISO] [--error-class C ...] [--dry-run]
 
 Each command is one `@app.command` function here; what it does lives in its own module (app.reconcile,
 app.retention), imported inside the function so that importing `app` stays light. A command needs
 MongoDB and ClickHouse, not Kafka. Add a command by writing another decorated function below; the
-helpers at the end (`run_exit_code`, `open_stores`) are shared. `--json` (before the command name:
-`faust -A app --json sync-batch`) prints the report as JSON.
+helpers (`open_stores`, `emit`, ...) are shared. `--json` (before the command name,
+`faust -A app --json sync-batch`, or after it for sync-batch and retention) prints the report as JSON.
 
 Exit codes: 0 done, 1 the run failed (it keeps its checkpoint; `--resume` continues it), 2 usage,
 3 done but some documents could not be turned into history rows (listed in the report).
@@ -62,6 +62,19 @@ def parse_since(value: str) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+async def check_collections(db: AsyncDatabase, names: list[str]) -> None:
+    """A `--collection` that is not in the database is a usage error: most likely a typo, which would
+    otherwise be reported as a clean run that scanned nothing."""
+    existing = set(await db.list_collection_names())
+    unknown = [name for name in names if name not in existing or name.startswith("_memsync")]
+    if unknown:
+        known = sorted(name for name in existing if not name.startswith(("_memsync", "system.")))
+        raise click.UsageError(
+            f"--collection {', '.join(map(repr, unknown))}: no such collection in database "
+            f"{db.name!r} (collections: {', '.join(known) or 'none'})"
+        )
+
+
 def cli_errors(fun: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """Usage and operational errors as click prints them (message, exit code), not as a traceback:
     the command body runs inside a mode Worker, which would log any exception as a crash."""
@@ -77,8 +90,17 @@ def cli_errors(fun: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[N
     return command
 
 
-def emit(command: AppCommand, text: str, summary: dict[str, Any]) -> None:
-    if command.json:
+JSON_OPTION = option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    help="Print the report as JSON (the same as `faust -A app --json <command>`).",
+)
+
+
+def emit(command: AppCommand, text: str, summary: dict[str, Any], as_json: bool = False) -> None:
+    if command.json or as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
         click.echo(text)
@@ -101,6 +123,7 @@ def emit(command: AppCommand, text: str, summary: dict[str, Any]) -> None:
         help="Collection to reconcile; repeat for several (default: SYNC_COLLECTIONS).",
     ),
     option("--dry-run", is_flag=True, default=False, help="Compare and report only; write nothing."),
+    JSON_OPTION,
     option(
         "--resume",
         is_flag=True,
@@ -115,6 +138,7 @@ async def sync_batch(
     hours: int | None,
     collections: tuple[str, ...],
     dry_run: bool,
+    as_json: bool,
     resume: bool,
 ) -> None:
     """Reconcile ClickHouse with MongoDB now and print the drift report."""
@@ -149,6 +173,8 @@ async def sync_batch(
                 raise click.UsageError(str(exc)) from None
             run_id = cli_run_id()
             names = list(collections or settings.sync_collections)
+            if collections:
+                await check_collections(db, names)
             already = 0
         total = await reconciler.count(window, names)
         bar_options: dict[str, Any] = {
@@ -176,16 +202,17 @@ async def sync_batch(
                         "its checkpoint is kept: `faust -A app sync-batch --resume` continues it", err=True
                     )
                 raise SystemExit(EXIT_FAILED) from None
-    emit(self, report.render(), report.summary())
+    emit(self, report.render(), report.summary(), as_json)
     if report.totals()["failed"]:
         raise SystemExit(EXIT_DOCUMENT_FAILURES)
 
 
 @app.command(
     option("--dry-run", is_flag=True, default=False, help="Report what would be removed; remove nothing."),
+    JSON_OPTION,
 )
 @cli_errors
-async def retention(self: AppCommand, dry_run: bool) -> None:
+async def retention(self: AppCommand, dry_run: bool, as_json: bool) -> None:
     """Enforce the retention policies now (RETENTION_POLICIES[_FILE]) and print what was removed."""
     from app import retention_policies
     from app.retention import enforce
@@ -198,7 +225,7 @@ async def retention(self: AppCommand, dry_run: bool) -> None:
         except Exception as exc:
             click.echo(f"retention failed: {type(exc).__name__}: {exc}", err=True)
             raise SystemExit(EXIT_FAILED) from None
-    emit(self, report.render(), report.summary())
+    emit(self, report.render(), report.summary(), as_json)
 
 
 @app.command(

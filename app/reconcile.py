@@ -92,6 +92,11 @@ class DocumentProblem(ValueError):
     """This document cannot become a history row (missing or invalid managed field, too large)."""
 
 
+class Superseded(RuntimeError):
+    """Another attempt of this run has started since this copy opened it (a new owner after a stop
+    that timed out, or a second `--resume`): this copy must stop writing and leave the run to it."""
+
+
 # ------------------------------------------------------------------ windows and reports
 
 
@@ -321,18 +326,32 @@ class RunStore:
         return loaded
 
     async def save(self, report: DriftReport) -> None:
+        """Write the checkpoint and counters; Superseded if a later attempt owns the run."""
         doc = report.to_doc()
         doc.pop("_id")
         doc.pop("attempts")
-        await self.runs.update_one({"_id": report.run_id}, {"$set": {**doc, "updated_at": datetime.now(UTC)}})
+        result = await self.runs.update_one(
+            self._fence(report.run_id, report.attempts), {"$set": {**doc, "updated_at": datetime.now(UTC)}}
+        )
+        if result.matched_count == 0:
+            raise Superseded(f"{report.run_id}: attempt {report.attempts} was superseded by a later attempt")
 
-    async def mark(self, run_id: str, state: str, error: str | None) -> None:
-        """Record the outcome only: the counters stay those of the last checkpoint, which they match."""
+    async def mark(self, run_id: str, attempt: int, state: str, error: str | None) -> None:
+        """Record the outcome only: the counters stay those of the last checkpoint, which they match.
+        Superseded if a later attempt owns the run."""
         now = datetime.now(UTC)
-        await self.runs.update_one(
-            {"_id": run_id},
+        result = await self.runs.update_one(
+            self._fence(run_id, attempt),
             {"$set": {"state": state, "error": error, "finished_at": now, "updated_at": now}},
         )
+        if result.matched_count == 0:
+            raise Superseded(f"{run_id}: attempt {attempt} was superseded by a later attempt")
+
+    @staticmethod
+    def _fence(run_id: str, attempt: int) -> dict[str, Any]:
+        # Two copies of one run can be alive at once (a stop that timed out leaves the old task running
+        # while the new owner opens the run again): only the copy holding the latest attempt may write.
+        return {"_id": run_id, "attempts": attempt}
 
     async def get(self, run_id: str) -> DriftReport | None:
         doc = await self.runs.find_one({"_id": run_id})
@@ -537,6 +556,14 @@ class Reconciler:
                     await self._collection(report, item, progress)
         except asyncio.CancelledError:
             raise
+        except Superseded:
+            # The newer attempt owns the run document: record nothing, neither failure nor progress.
+            log.warning(
+                "reconciliation %s: attempt %d superseded by a later attempt; stopping",
+                run_id,
+                report.attempts,
+            )
+            raise
         except Exception as exc:
             report.state = "failed"
             report.error = f"{type(exc).__name__}: {exc}"[:500]
@@ -686,7 +713,9 @@ class Reconciler:
 
     async def _save_quietly(self, report: DriftReport) -> None:
         try:
-            await self.store.mark(report.run_id, report.state, report.error)
+            await self.store.mark(report.run_id, report.attempts, report.state, report.error)
+        except Superseded:
+            raise
         except Exception:
             log.warning("could not record the failure of reconciliation %s", report.run_id, exc_info=True)
 

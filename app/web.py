@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
+from collections.abc import Callable
 from typing import Any
 
 from faust.sensors.prometheus import MS_LATENCY_BUCKETS, FaustMetrics, PrometheusMonitor
@@ -132,16 +133,21 @@ class Readyz(View):
         return self.json(report, status=200 if report["ready"] else 503)
 
 
+async def stats_with_runs() -> dict[str, Any]:
+    """stats() plus the last finished runs from the run store (any worker's or the CLI's)."""
+    return {**stats(), "runs": await jobs.finished_runs()}
+
+
 @app.page("/stats")
 class Stats(View):
     async def get(self, request: Request) -> Response:
-        return self.json(stats())
+        return self.json(await stats_with_runs())
 
 
 @app.page("/stats/html")
 class StatsPage(View):
     async def get(self, request: Request) -> Response:
-        return self.html(render_stats_page(stats()))
+        return self.html(render_stats_page(await stats_with_runs()))
 
 
 def render_stats_page(data: dict[str, Any]) -> str:
@@ -159,9 +165,8 @@ def render_stats_page(data: dict[str, Any]) -> str:
         for p, s in data["idempotency_table"].items()
     ]
     dlq = data["dlq"]
-    jobs = [
-        (name, r.get("status"), r.get("finished_at"), r.get("summary")) for name, r in data["jobs"].items()
-    ]
+    jobs = [(name, r.get("status"), r.get("run"), r.get("finished_at")) for name, r in data["jobs"].items()]
+    runs = data.get("runs") or {"recent": [], "error": None}
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>memsync {
         html.escape(data["worker_id"])
     }</title>
@@ -182,5 +187,35 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.waiting{{color:#b
             ("class", "error", "source", "attempts"),
         )
     }
-<h2>Scheduled jobs</h2>{table(jobs, ("job", "status", "finished", "summary"))}
+<h2>Scheduled jobs on this worker</h2>{table(jobs, ("job", "status", "run", "finished"))}
+<h2>Recent runs</h2>{render_runs(runs["recent"], runs["error"], table)}
 </body></html>"""
+
+
+def render_runs(
+    runs: list[dict[str, Any]],
+    error: str | None,
+    table: Callable[[list[tuple[Any, ...]], tuple[str, ...]], str],
+) -> str:
+    """The finished runs of the run store, each with its per-collection (or per-data-type) counts as a
+    table of its own."""
+    out = [f'<p class="waiting">run store unreadable: {html.escape(error)}</p>'] if error else []
+    if not runs:
+        out.append("<p>no finished run recorded</p>")
+    for run in runs:
+        when = run.get("scheduled_for") or "manual"
+        out.append(
+            f"<h3>{html.escape(str(run.get('job')))} {html.escape(str(when))}: "
+            f"{html.escape(str(run.get('state')))}</h3>"
+            f"<p>run {html.escape(str(run.get('run')))}, started {html.escape(str(run.get('started_at')))}, "
+            f"finished {html.escape(str(run.get('finished_at')))}"
+            + (f", error: {html.escape(str(run['error']))}" if run.get("error") else "")
+            + "</p>"
+        )
+        for key in ("collections", "data_types"):
+            counts: dict[str, dict[str, Any]] = run.get(key) or {}
+            if counts:
+                header = tuple(next(iter(counts.values())))
+                rows = [(name, *(values.get(h) for h in header)) for name, values in counts.items()]
+                out.append(table(rows, (key.rstrip("s").replace("_", " "), *header)))
+    return "\n".join(out)

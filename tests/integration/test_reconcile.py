@@ -19,7 +19,16 @@ from app.history import AsyncHistory
 from app.identity import entity_id_of, event_id_for, now_ms_precision
 from app.mongo import async_client
 from app.producer import UnifiedMemoryClient
-from app.reconcile import RUNS_COLLECTION, DriftReport, Reconciler, Window, cli_run_id
+from app.reconcile import (
+    RUNS_COLLECTION,
+    CollectionProgress,
+    DriftReport,
+    Reconciler,
+    RunStore,
+    Superseded,
+    Window,
+    cli_run_id,
+)
 from tests.conftest import ROOT
 from tests.worker import FAUST, Scenario, Worker, wait_for
 
@@ -38,11 +47,25 @@ def run(coro):
 
 
 async def reconcile_once(
-    scenario: Scenario, window: Window, *, dry_run: bool = False, **env: str
+    scenario: Scenario,
+    window: Window,
+    *,
+    dry_run: bool = False,
+    existence_queries: list[list[tuple[str, str]]] | None = None,
+    **env: str,
 ) -> DriftReport:
+    """One run; with `existence_queries`, the keys of every existing_event_ids call are appended to it."""
     settings = scenario.settings(**env)
     mongo = async_client(settings)
     history = AsyncHistory.open(settings.clickhouse, settings.history_table)
+    if existence_queries is not None:
+        original = history.existing_event_ids
+
+        async def counted(keys: list[tuple[str, str]]) -> set[str]:
+            existence_queries.append(list(keys))
+            return await original(keys)
+
+        history.existing_event_ids = counted  # type: ignore[method-assign]
     try:
         reconciler = Reconciler.from_settings(settings, mongo[settings.mongodb_database], history)
         return await reconciler.run(cli_run_id(), window, settings.sync_collections, dry_run=dry_run)
@@ -120,13 +143,38 @@ def test_lost_events_are_repaired_and_synced_ones_are_not_duplicated(scenario):
     mongo["facts"].insert_one({"_id": "bad-1", "data_type": "fact", "updated_at": now_ms_precision()})
     window = Window(started, datetime.now(UTC) + timedelta(seconds=1))
 
+    # One existence query per page: pages of 64, so each collection takes several.
+    page_size = 64
+    collection_of = {
+        entity_id_of(doc["_id"]): collection
+        for collection, _ in COLLECTIONS
+        for doc in mongo[collection].find(window.filter(), {"_id": 1})
+    }
+    pages = {
+        collection: -(-mongo[collection].count_documents(window.filter()) // page_size)
+        for collection, _ in COLLECTIONS
+    }
+    assert pages == {"contexts": 4, "episodes": 4, "facts": 4}
+
+    def queries_per_collection(queries: list[list[tuple[str, str]]]) -> dict[str, int]:
+        tally: dict[str, int] = {}
+        for keys in queries:
+            (collection,) = {collection_of[entity_id] for entity_id, _ in keys}  # one collection per query
+            assert len(keys) <= page_size
+            tally[collection] = tally.get(collection, 0) + 1
+        return tally
+
     # A dry run reports the drift and writes nothing.
-    dry = run(reconcile_once(scenario, window, dry_run=True))
+    queries: list[list[tuple[str, str]]] = []
+    dry = run(reconcile_once(scenario, window, dry_run=True, existence_queries=queries, BATCH_SIZE="64"))
+    assert queries_per_collection(queries) == pages
     assert dry.totals() == {"scanned": 601, "present": 120, "repaired": 480, "failed": 1}
     assert len(history_rows(scenario)) == 150
     assert mongo[RUNS_COLLECTION].count_documents({"trigger": "cli"}) == 0
 
-    report = run(reconcile_once(scenario, window))
+    queries = []
+    report = run(reconcile_once(scenario, window, existence_queries=queries, BATCH_SIZE="64"))
+    assert queries_per_collection(queries) == pages
     assert report.state == "done"
     assert report.totals() == {"scanned": 601, "present": 120, "repaired": 480, "failed": 1}
     by_collection = {p.collection: p for p in report.collections}
@@ -239,3 +287,170 @@ def test_killed_run_resumes_from_its_checkpoint(scenario):
     assert len(rows) == total
     expected = {event_id_for("contexts", d["_id"], d["version"]) for d in docs}
     assert set(rows) == expected
+
+
+def test_a_superseded_copy_of_a_run_stops_and_cannot_write_its_checkpoint(scenario):
+    """Two copies of one run (an owner whose stop timed out, and the new owner): checkpoint writes are
+    fenced by attempt, so the old copy stops at its next write and the run ends exact."""
+    settings = scenario.settings(BATCH_SIZE="100", SINK_BATCH_MAX_EVENTS="100")
+    mongo = MongoClient(scenario.stack.mongodb_uri, tz_aware=False)[settings.mongodb_database]
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=30)
+    docs = [
+        direct_doc(i, "context") | {"updated_at": (base + timedelta(seconds=i)).replace(tzinfo=None)}
+        for i in range(300)
+    ]
+    mongo["contexts"].insert_many(docs)
+    window = Window(base - timedelta(minutes=1), datetime.now(UTC))
+    run_id = "reconcile-fence-test"
+
+    async def go() -> tuple[DriftReport, dict]:
+        client = async_client(settings)
+        history = AsyncHistory.open(settings.clickhouse, settings.history_table)
+        try:
+            db = client[settings.mongodb_database]
+            store = RunStore(db)
+            old = Reconciler.from_settings(settings, db, history)
+            original = history.existing_event_ids
+
+            async def new_owner_opens_the_run(keys: list[tuple[str, str]]) -> set[str]:
+                # While the old copy works on its first page, the new owner opens the run again.
+                history.existing_event_ids = original  # type: ignore[method-assign]
+                reopened = await store.open(
+                    DriftReport(run_id, window, [CollectionProgress("contexts")], trigger="schedule")
+                )
+                assert reopened.attempts == 2
+                return await original(keys)
+
+            history.existing_event_ids = new_owner_opens_the_run  # type: ignore[method-assign]
+            with pytest.raises(Superseded, match="attempt 1 was superseded"):
+                await old.run(run_id, window, ["contexts"], trigger="schedule")
+            after_old = await db[RUNS_COLLECTION].find_one({"_id": run_id})
+
+            # A stale report can neither save a checkpoint nor mark the outcome.
+            stale = DriftReport(run_id, window, [CollectionProgress("contexts", scanned=999)], attempts=1)
+            with pytest.raises(Superseded):
+                await store.save(stale)
+            with pytest.raises(Superseded):
+                await store.mark(run_id, 1, "failed", "stale")
+
+            # The current owner continues the run and finishes it exactly.
+            new = Reconciler.from_settings(settings, db, history)
+            return await new.run(run_id, window, ["contexts"], trigger="schedule"), after_old
+        finally:
+            await history.close()
+            await client.close()
+
+    report, after_old = run(go())
+    # The old copy wrote nothing after it was superseded: no checkpoint, no failure.
+    assert after_old["state"] == "running"
+    assert after_old["attempts"] == 2
+    assert after_old.get("error") is None
+    assert after_old["collections"][0]["scanned"] == 0
+    assert report.state == "done"
+    assert report.attempts == 3
+    assert report.totals()["scanned"] == 300
+    assert report.totals()["repaired"] + report.totals()["present"] == 300
+    saved = mongo[RUNS_COLLECTION].find_one({"_id": run_id})
+    assert (saved["state"], saved["attempts"], saved["totals"]["scanned"]) == ("done", 3, 300)
+    assert len(history_rows(scenario)) == 300
+
+
+def cli(scenario: Scenario, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "CLICKHOUSE_"))},
+        **scenario.env(**env),
+    }
+    return subprocess.run(
+        [FAUST, "-A", "app", *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=180
+    )
+
+
+def history_count(scenario: Scenario) -> int:
+    store = scenario.history()
+    try:
+        ((count,),) = store.query(f"SELECT count() FROM {scenario.settings().history_table}")
+        return int(count)
+    except Exception:  # the table does not exist yet
+        return 0
+    finally:
+        store.close()
+
+
+def test_sync_batch_options(scenario):
+    mongo = MongoClient(scenario.stack.mongodb_uri, tz_aware=False)[scenario.settings().mongodb_database]
+    mongo["contexts"].insert_many([direct_doc(i, "context") for i in range(20)])
+    mongo["episodes"].insert_many([direct_doc(100 + i, "episode") for i in range(7)])
+    # One collection, dry run: only it is read and reported, and nothing is written.
+    result = cli(scenario, "sync-batch", "--hours", "1", "--collection", "episodes", "--dry-run", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["dry_run"] is True
+    assert list(summary["collections"]) == ["episodes"]
+    assert summary["totals"] == {"scanned": 7, "present": 0, "repaired": 7, "failed": 0}
+    assert history_count(scenario) == 0
+    assert mongo[RUNS_COLLECTION].count_documents({}) == 0
+
+    both = cli(scenario, "sync-batch", "--since", "2024-01-01T00:00:00", "--hours", "1")
+    assert both.returncode == 2, both.stdout + both.stderr
+    assert "give --since or --hours, not both" in both.stderr
+
+    typo = cli(scenario, "sync-batch", "--hours", "1", "--collection", "episodes", "--collection", "contxets")
+    assert typo.returncode == 2, typo.stdout + typo.stderr
+    assert "--collection 'contxets': no such collection in database" in typo.stderr
+    assert "contexts" in typo.stderr  # the collections that do exist are listed
+    assert history_count(scenario) == 0
+    assert mongo[RUNS_COLLECTION].count_documents({}) == 0
+
+
+def test_cli_runs_show_in_stats_and_set_the_last_success_gauge_across_restarts(scenario):
+    settings = scenario.settings()
+    mongo = MongoClient(scenario.stack.mongodb_uri, tz_aware=False)[settings.mongodb_database]
+    mongo["contexts"].insert_many([direct_doc(i, "context") for i in range(12)])
+    mongo["facts"].insert_many([direct_doc(100 + i, "fact") for i in range(5)])
+    mongo["facts"].insert_one({"_id": "bad-1", "data_type": "fact", "updated_at": now_ms_precision()})
+    result = cli(scenario, "--json", "sync-batch", "--hours", "1")
+    assert result.returncode == 3, result.stdout + result.stderr  # done, one document failed
+    run_id = json.loads(result.stdout)["run_id"]
+    finished_at = mongo[RUNS_COLLECTION].find_one({"_id": run_id})["finished_at"].replace(tzinfo=UTC)
+    expected = {
+        "contexts": {"scanned": 12, "present": 0, "repaired": 12, "failed": 0},
+        "episodes": {"scanned": 0, "present": 0, "repaired": 0, "failed": 0},
+        "facts": {"scanned": 6, "present": 0, "repaired": 5, "failed": 1},
+    }
+    # Schedules whose last time is 10 days ago: no catch-up run at start, so the only success the
+    # workers can know of is the CLI run.
+    day = (datetime.now(UTC) - timedelta(days=10)).day
+    quiet = {"RECONCILE_SCHEDULE": f"0 2 {day} * *", "RETENTION_SCHEDULE": f"0 3 {day} * *"}
+
+    def shows_the_run(worker: Worker) -> None:
+        def cli_run() -> dict | None:
+            body = worker.get("/stats")
+            runs = json.loads(body)["runs"]["recent"] if body else []
+            return next((r for r in runs if r["run"] == run_id), None)
+
+        shown = wait_for(cli_run, 30, "the CLI run in /stats", worker.log)
+        assert shown["job"] == "reconcile"
+        assert shown["scheduled_for"] == "manual"
+        assert shown["state"] == "done"
+        assert shown["collections"] == expected
+        assert shown["finished_at"] is not None
+        assert shown["started_at"] is not None
+        page = (worker.get("/stats/html") or b"").decode()
+        assert "reconcile manual: done" in page
+        assert "<td>contexts</td><td>12</td><td>0</td><td>12</td><td>0</td>" in page
+        assert "<td>facts</td><td>6</td><td>0</td><td>5</td><td>1</td>" in page
+
+        def gauge() -> float:
+            return worker.metric("memory_sync_job_last_success_timestamp_seconds", {"job_name": "reconcile"})
+
+        wait_for(lambda: gauge() > 0, 30, "the last-success gauge", worker.log)
+        assert gauge() == pytest.approx(finished_at.timestamp(), abs=1.0)
+        assert "scheduler: reconcile@" not in worker.log()  # no scheduled run muddied the gauge
+
+    # A fresh worker, then the same worker restarted: both read the run from the store.
+    for label in ("w1", "w1-restarted"):
+        worker = Worker(scenario, label=label, **quiet).start()
+        try:
+            shows_the_run(worker)
+        finally:
+            worker.stop()

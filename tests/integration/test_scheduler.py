@@ -85,6 +85,11 @@ def test_missed_run_is_caught_up_continued_after_a_stop_and_not_repeated(scenari
     )
     # Changed within the window of the run this "cluster" missed (no worker was up at 02:00).
     expected = insert_docs(mongo, "missed", 8000, last - timedelta(hours=3))
+    # ... and within the window of the run two days earlier, also missed: the catch-up requests every
+    # scheduled time within CATCH_UP_HORIZON (3 days), not only the latest.
+    older = last - timedelta(days=2)
+    older_key = run_key("reconcile", older)
+    older_expected = insert_docs(mongo, "older", 100, older - timedelta(hours=3))
     small_pages = {"BATCH_SIZE": "50", "SINK_BATCH_MAX_EVENTS": "200"}
 
     # 1. The worker requests the missed run at start; it is stopped (SIGTERM) in the middle of it.
@@ -116,36 +121,48 @@ def test_missed_run_is_caught_up_continued_after_a_stop_and_not_repeated(scenari
         wait_for(
             lambda: (run_doc(mongo, retention_key) or {}).get("state") == "done", 60, "retention", worker.log
         )
+        wait_for(
+            lambda: (run_doc(mongo, older_key) or {}).get("state") == "done", 60, "the older run", worker.log
+        )
     finally:
         worker.stop()
+    assert run_doc(mongo, older_key)["totals"]["scanned"] == 100
+    assert run_doc(mongo, older_key)["totals"]["repaired"] == 100
+    # Three days: the run three days before the latest is out of the horizon (never requested).
+    assert run_doc(mongo, run_key("reconcile", last - timedelta(days=3))) is None
     done = run_doc(mongo, reconcile_key)
     assert done["attempts"] == 2
     assert done["totals"]["scanned"] == 8000
     assert done["totals"]["failed"] == 0
     assert done["totals"]["repaired"] + done["totals"]["present"] == 8000
     assert done["totals"]["present"] <= 200 + 50  # only rows written after the last checkpoint
-    assert history_counts(scenario) == (8000, 8000)
+    assert history_counts(scenario) == (8100, 8100)
     store = scenario.history()
     try:
         ids = {row[0] for row in store.query(f"SELECT event_id FROM {scenario.settings().history_table}")}
     finally:
         store.close()
-    assert ids == expected
+    assert ids == expected | older_expected
 
     # 3. Started again: both runs are known to be done and are not repeated.
-    worker = Worker(scenario, label="w1").start()
+    worker = Worker(scenario, label="w1")
+    earlier = len(worker.log())  # the log file is shared with the earlier starts of "w1"
+    worker.start()
     try:
+        # Three scheduled times of each job in the last three days, all done.
         wait_for(
-            lambda: worker.log().count("already done (request: catch-up at start)") >= 2,
+            lambda: worker.log()[earlier:].count("already done (request: catch-up at start)") >= 6,
             60,
             "the catch-up requests to be skipped",
             worker.log,
         )
     finally:
         worker.stop()
+    assert " started (attempt" not in worker.log()[earlier:]
     assert run_doc(mongo, reconcile_key)["attempts"] == 2
+    assert run_doc(mongo, older_key)["attempts"] == 1
     assert run_doc(mongo, retention_key)["attempts"] == 1
-    assert history_counts(scenario) == (8000, 8000)
+    assert history_counts(scenario) == (8100, 8100)
 
 
 def test_a_run_requested_twice_and_by_two_workers_runs_once(scenario):
@@ -162,6 +179,17 @@ def test_a_run_requested_twice_and_by_two_workers_runs_once(scenario):
         wait_for(lambda: (run_doc(mongo, catch_up_key) or {}).get("state") == "done", 90, "catch-up", w1.log)
         logs = lambda: w1.log() + w2.log()  # noqa: E731
         wait_for(lambda: f"{catch_up_key} started" in logs(), 30, "the catch-up start line", logs)
+        # Both workers requested it; whichever owns the control partition ran it, once: one attempt
+        # started and one finished across both workers, and the other request was skipped.
+        wait_for(
+            lambda: logs().count(f"{catch_up_key}: skipped") >= 1,
+            60,
+            "the second catch-up request to be skipped",
+            logs,
+        )
+        assert logs().count(f"{catch_up_key} started (attempt") == 1
+        assert logs().count(f"scheduler: {catch_up_key} done") == 1
+        assert run_doc(mongo, catch_up_key)["attempts"] == 1
 
         request = ControlMessage(REQUEST, "reconcile", date, "test", reason="by hand")
         send(scenario, request, request)
