@@ -110,6 +110,42 @@ def run(coro):
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
+def system_table(store: HistoryStore, name: str) -> bool:
+    """Whether this backend has system.<name> with the columns the checks below read."""
+    try:
+        store.query(f"SELECT count() FROM system.{name} WHERE database = '' AND table = ''")
+    except Exception:
+        return False
+    return True
+
+
+def active_partitions(store: HistoryStore) -> dict[str, str]:
+    """partition (as system.parts prints it) -> partition_id, of the history table's active parts."""
+    return dict(
+        store.query(
+            f"SELECT DISTINCT partition, partition_id FROM system.parts WHERE database = '{store.database}' "
+            f"AND table = '{store.table}' AND active"
+        )
+    )
+
+
+def mutated_data_types(store: HistoryStore) -> list[str]:
+    """The data type each delete mutation of the history table is for (one entry per mutation)."""
+    commands = [
+        command
+        for (command,) in store.query(
+            f"SELECT command FROM system.mutations WHERE database = '{store.database}' "
+            f"AND table = '{store.table}'"
+        )
+    ]
+    found = []
+    for command in commands:
+        assert "DELETE" in command.upper(), command
+        (data_type,) = [dt for dt in DAYS if f"'{dt}'" in command]
+        found.append(data_type)
+    return sorted(found)
+
+
 @pytest.mark.parametrize("backend", ["server", "chdb"])
 def test_retention_removes_exactly_the_expired_rows(scenario, backend, tmp_path):
     if backend == "chdb":
@@ -175,13 +211,33 @@ def test_retention_removes_exactly_the_expired_rows(scenario, backend, tmp_path)
             assert report.data_types["episode"].documents_deleted == {"episodes": 4}
             assert "(default)" not in report.data_types  # the default policy keeps documents
 
+        # ClickHouse's own record, not only the report's numbers (where the backend has the tables).
+        has_parts, has_mutations = system_table(store, "parts"), system_table(store, "mutations")
+        partitions_before = active_partitions(store) if has_parts else {}
+
         dry = run(apply(dry_run=True))
         check(dry)
         assert counts(store) == before
         assert mongo["contexts"].count_documents({}) == 6
+        if has_parts:
+            assert active_partitions(store) == partitions_before
+        if has_mutations:
+            assert mutated_data_types(store) == []
 
         report = run(apply(dry_run=False))
         check(report)
+        if has_parts:
+            dropped = {p for item in report.data_types.values() for p in item.partitions_dropped}
+            assert len(dropped) == sum(numbers["dropped"] for numbers in want.values()) // PER_TIME
+            assert dropped <= set(partitions_before)
+            remaining = active_partitions(store)
+            assert not {partitions_before[p] for p in dropped} & set(remaining.values())
+        if has_mutations:
+            # One delete mutation per data type with a partition straddling its cutoff, none for the
+            # others (whole partitions dropped, or nothing expired).
+            straddling = sorted(dt for dt, numbers in want.items() if numbers["deleted"])
+            assert straddling == ["context", "episode", "fact"]
+            assert mutated_data_types(store) == straddling
         after = counts(store)
         for data_type, numbers in want.items():
             assert after.get(data_type, 0) == numbers["kept"], data_type
@@ -204,6 +260,8 @@ def test_retention_removes_exactly_the_expired_rows(scenario, backend, tmp_path)
             "documents_deleted": 0,
         }
         assert counts(store) == after
+        if has_mutations:
+            assert mutated_data_types(store) == straddling  # no further mutation
     finally:
         store.close()
 
