@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> faust.App:
         stream_wait_empty=False,
         broker_commit_every=10_000,
         broker_commit_interval=2.0,
+        consumer_max_fetch_size=settings.max_partition_fetch_bytes,
         producer_acks=-1,
         producer_max_request_size=max(1_048_576, settings.max_document_bytes * 4),
         producer_linger=0.005,

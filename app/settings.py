@@ -129,6 +129,7 @@ class Settings:
     control_topic: str = "memsync.control"
     consumer_group: str = "memory-sync-consumer"
     topic_partitions: int = 8
+    max_partition_fetch_bytes: int = 8 * 1024 * 1024
     topic_replication_factor: int = 1
     dlq_retention_ms: int = 7 * 24 * 3600 * 1000
     kafka_security: KafkaSecurity = KafkaSecurity()
@@ -172,6 +173,7 @@ class Settings:
             "retry_topic": self.retry_topic,
             "consumer_group": self.consumer_group,
             "topic_partitions": self.topic_partitions,
+            "max_partition_fetch_bytes": self.max_partition_fetch_bytes,
             "codec": self.codec,
             "mongodb": redact_mongodb_uri(self.mongodb_uri.value),
             "mongodb_database": self.mongodb_database,
@@ -233,6 +235,9 @@ ENV_VARIABLES: tuple[EnvVar, ...] = (
     EnvVar("KAFKA_TOPIC_PARTITIONS", "8",
            "Partitions of the topics memsync creates (1-1024); the upper bound on worker parallelism."),
     EnvVar("KAFKA_REPLICATION_FACTOR", "1", "Replication factor of the topics memsync creates (1-16)."),
+    EnvVar("KAFKA_MAX_PARTITION_FETCH_BYTES", "8388608",
+           "Most bytes one fetch returns per partition (1 MiB-256 MiB). Kafka's 1 MiB default starves the "
+           "sink: a worker reads a batch only as fast as fetches arrive."),
     EnvVar("KAFKA_DLQ_RETENTION_MS", "604800000", "Retention of the dead-letter topic, ms (7 days)."),
     EnvVar("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
            "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` (production)."),
@@ -747,6 +752,9 @@ def _parse(mapping: Mapping[str, str]) -> Settings:
         control_topic=_topic(env, "KAFKA_CONTROL_TOPIC", "memsync.control"),
         consumer_group=_topic(env, "KAFKA_CONSUMER_GROUP", "memory-sync-consumer"),
         topic_partitions=env.int("KAFKA_TOPIC_PARTITIONS", 8, maximum=1024),
+        max_partition_fetch_bytes=env.int(
+            "KAFKA_MAX_PARTITION_FETCH_BYTES", 8 * 1024 * 1024, minimum=1024 * 1024, maximum=256 * 1024 * 1024
+        ),
         topic_replication_factor=env.int("KAFKA_REPLICATION_FACTOR", 1, maximum=16),
         dlq_retention_ms=env.int("KAFKA_DLQ_RETENTION_MS", 7 * 24 * 3600 * 1000),
         kafka_security=_kafka_security(env),

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tenacity import (
 )
 
 from app import metrics
-from app.codecs import EventDecodeError, decode_event
+from app.codecs import EventDecodeError, decode_avro, decode_json
 from app.history import AsyncHistory, HistoryRow, RowsRejected, SinkUnavailable
 from app.lane import Delivery, StaleBatch
 
@@ -108,12 +109,32 @@ class FailureRoute(Protocol):
     async def route(self, failures: Sequence[Failure]) -> None: ...
 
 
+@dataclass(slots=True)
+class PreparedBatch:
+    """A decoded batch waiting to be written (HistorySink.prepare → HistorySink.write)."""
+
+    events: Sequence[Delivery]
+    fresh: list[Decoded]  # decoded rows, the first of each event_id
+    failures: list[Failure]
+    batch_duplicates: int
+    source: str = "realtime"
+
+
 @dataclass
 class BatchReport:
     consumed: int = 0
     written: int = 0
     duplicates: dict[str, int] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CheckedBatch:
+    """A prepared batch less what the table and ClickHouse held when it was checked."""
+
+    prepared: PreparedBatch
+    report: BatchReport
+    fresh: list[Decoded]
 
 
 def _version_of(document: dict[str, Any]) -> int:
@@ -135,9 +156,14 @@ def decode_batch(
     """Turn Kafka events into history rows; every event becomes exactly one row or one failure."""
     decoded: list[Decoded] = []
     failures: list[Failure] = []
+    decode = decode_avro if codec == "avro" else decode_json
     for event in events:
+        message = event.message
         try:
-            payload = decode_event(event.message.value, codec)
+            value = message.value
+            if value is None:
+                raise EventDecodeError("empty message (tombstone)")
+            payload = decode(value)
         except EventDecodeError as exc:
             failures.append(Failure(event, "undecodable", str(exc), retryable=False))
             continue
@@ -155,23 +181,22 @@ def decode_batch(
         except (orjson.JSONDecodeError, ValueError) as exc:
             failures.append(Failure(event, "invalid_data", f"invalid document JSON: {exc}", retryable=True))
             continue
-        headers = event.message.headers
+        headers = message.headers
         replayed = bool(headers) and any(key == REPLAY_HEADER for key, _ in _header_items(headers))
-        row_source = "replay" if replayed else source
         decoded.append(
             Decoded(
                 event,
                 HistoryRow(
-                    event_id=payload["event_id"],
-                    entity_id=payload["entity_id"],
-                    data_type=payload["data_type"],
-                    operation=payload["operation"],
-                    collection=payload["collection"],
-                    event_ts_ms=payload["timestamp"],
-                    version=version,
-                    data=data,
-                    metadata=payload["metadata"],
-                    source=row_source,
+                    payload["event_id"],
+                    payload["entity_id"],
+                    payload["data_type"],
+                    payload["operation"],
+                    payload["collection"],
+                    payload["timestamp"],
+                    version,
+                    data,
+                    payload["metadata"],
+                    "replay" if replayed else source,
                 ),
             )
         )
@@ -182,6 +207,18 @@ def _header_items(headers: Any) -> list[tuple[str, bytes]]:
     if isinstance(headers, dict):
         return list(headers.items())
     return list(headers)
+
+
+def _first_of_each_event_id(decoded: list[Decoded]) -> list[Decoded]:
+    """Within a batch, keep the first of each event_id (later copies are acked as duplicates)."""
+    seen: set[str] = set()
+    unique: list[Decoded] = []
+    for d in decoded:
+        event_id = d.row.event_id
+        if event_id not in seen:
+            seen.add(event_id)
+            unique.append(d)
+    return unique
 
 
 def dedup_token(rows: Sequence[HistoryRow]) -> str:
@@ -232,6 +269,16 @@ class HistorySink:
             await self._retry_sink(self.history.ensure_schema)
             self._schema_ready = True
 
+    def prepare(self, events: Sequence[Delivery], source: str = "realtime") -> PreparedBatch:
+        """Decode a batch and drop its inner duplicates: CPU only, no state read, so it can run while
+        the previous batch is being written (PipelinedWriter)."""
+        with _phase("decode"):
+            decoded, failures = decode_batch(
+                events, codec=self.codec, max_document_bytes=self.max_document_bytes, source=source
+            )
+        fresh = _first_of_each_event_id(decoded)
+        return PreparedBatch(events, fresh, failures, len(decoded) - len(fresh), source)
+
     async def handle(
         self,
         events: Sequence[Delivery],
@@ -242,15 +289,38 @@ class HistorySink:
         """Process one batch. Returns only when every event is written, skipped or routed away.
 
         `fence`: entered around each insert attempt; it may refuse (StaleBatch, app/lane.py)."""
+        checked = await self.check(self.prepare(events, source))
+        report, _ = await self.commit(checked, topic, fence)
+        return report
+
+    async def check(self, prepared: PreparedBatch) -> CheckedBatch:
+        """Drop what the idempotency table or ClickHouse already holds (one lookup for the whole batch).
+        Reads state, writes none but table marks of ids found in ClickHouse."""
         await self.ensure_schema()
-        report = BatchReport(consumed=len(events))
-        metrics.events_consumed.labels(topic or self.topic).inc(len(events))
-        with _phase("decode"):
-            decoded, failures = decode_batch(
-                events, codec=self.codec, max_document_bytes=self.max_document_bytes, source=source
-            )
-        fresh = self._skip_duplicates(decoded, report)
-        fresh = await self._skip_already_written(fresh, report)
+        report = BatchReport(consumed=len(prepared.events))
+        self._count_duplicates(report, "batch", prepared.batch_duplicates)
+        fresh = await self._skip_already_written(prepared.fresh, report)
+        return CheckedBatch(prepared, report, fresh)
+
+    async def commit(
+        self,
+        checked: CheckedBatch,
+        topic: str | None = None,
+        fence: WriteFence | None = None,
+        written_since_check: frozenset[str] | set[str] = frozenset(),
+    ) -> tuple[BatchReport, list[str]]:
+        """Insert a checked batch, mark it, route its failures; returns the report and the event ids
+        written. `written_since_check`: ids that batches committed after this one's check wrote (the
+        check could not see them). Metrics are counted here, so a batch dropped as stale counts nothing."""
+        prepared, report = checked.prepared, checked.report
+        events = prepared.events
+        failures = list(prepared.failures)
+        fresh = checked.fresh
+        if written_since_check:
+            unseen = [d for d in fresh if d.row.event_id not in written_since_check]
+            self._count_duplicates(report, "table", len(fresh) - len(unseen))
+            fresh = unseen
+        written: list[Decoded] = []
         if fresh:
             with _phase("insert"):
                 rejected = await self._insert_isolating([d.row for d in fresh], fence)
@@ -258,31 +328,24 @@ class HistorySink:
             event_of = {d.row.event_id: d.event for d in fresh} if rejected else {}
             for row, exc in rejected:
                 failures.append(Failure(event_of[row.event_id], "rejected_by_clickhouse", str(exc), True))
-            written = [d for d in fresh if d.row.event_id not in rejected_ids]
+            written = [d for d in fresh if d.row.event_id not in rejected_ids] if rejected else fresh
             with _phase("mark"):
                 await self.index.mark([(d.event, d.row.event_id) for d in written])
             report.written = len(written)
             now_ms = time.time() * 1000
-            for d in written:
-                metrics.consume_latency.observe(max(0.0, (now_ms - d.row.event_ts_ms) / 1000))
-            metrics.rows_inserted.labels(source).inc(len(written))
+            metrics.observe_many(
+                metrics.consume_latency, [max(0.0, (now_ms - d.row.event_ts_ms) / 1000) for d in written]
+            )
+            metrics.rows_inserted.labels(prepared.source).inc(len(written))
+        metrics.events_consumed.labels(topic or self.topic).inc(len(events))
+        for layer, count in report.duplicates.items():
+            if count:
+                metrics.duplicates_skipped.labels(layer).inc(count)
         if failures:
             report.failures = failures
             with _phase("route"):
                 await self.route.route(failures)
-        return report
-
-    def _skip_duplicates(self, decoded: list[Decoded], report: BatchReport) -> list[Decoded]:
-        """Within the batch: keep the first of each event_id (later copies are acked as duplicates)."""
-        seen: set[str] = set()
-        unique: list[Decoded] = []
-        for d in decoded:
-            if d.row.event_id in seen:
-                continue
-            seen.add(d.row.event_id)
-            unique.append(d)
-        self._count_duplicates(report, "batch", len(decoded) - len(unique))
-        return unique
+        return report, [d.row.event_id for d in written]
 
     async def _skip_already_written(self, decoded: list[Decoded], report: BatchReport) -> list[Decoded]:
         if not decoded:
@@ -290,7 +353,7 @@ class HistorySink:
         with _phase("table"):
             known = self.index.known([(d.event, d.row.event_id) for d in decoded])
         self._count_duplicates(report, "table", len(known))
-        unknown = [d for d in decoded if d.row.event_id not in known]
+        unknown = [d for d in decoded if d.row.event_id not in known] if known else decoded
         if not unknown:
             return unknown
         # One lookup per batch for ids the table does not know: rows written before a crash lost the
@@ -303,12 +366,12 @@ class HistorySink:
             self._count_duplicates(report, "clickhouse", len(in_clickhouse))
             found = [(d.event, d.row.event_id) for d in unknown if d.row.event_id in in_clickhouse]
             await self.index.mark(found)
-        return [d for d in unknown if d.row.event_id not in in_clickhouse]
+            return [d for d in unknown if d.row.event_id not in in_clickhouse]
+        return unknown
 
     def _count_duplicates(self, report: BatchReport, layer: str, count: int) -> None:
         if count:
             report.duplicates[layer] = report.duplicates.get(layer, 0) + count
-            metrics.duplicates_skipped.labels(layer).inc(count)
 
     async def _insert_isolating(
         self, rows: list[HistoryRow], fence: WriteFence | None = None
@@ -366,11 +429,16 @@ class HistorySink:
 
 
 class PipelinedWriter:
-    """Writes batches on a task of its own, so the agent collects the next batch meanwhile.
+    """Writes batches in three overlapping stages, so ClickHouse, Kafka and the event loop work at once:
 
-    One writer, one batch in hand and at most one waiting: order is kept, memory is bounded, and when
-    ClickHouse is slow or down the agent stops taking records. `ack` gets each batch once it is
-    written, skipped or routed away.
+    1. the agent decodes batch N+2 (`HistorySink.prepare`, CPU only, reads no state);
+    2. a checker task looks batch N+1 up in the table and ClickHouse (`HistorySink.check`);
+    3. a committer task inserts batch N, marks it and acks it (`HistorySink.commit`), in order.
+
+    A check can run before the batches ahead of it are written; what those batches write meanwhile is
+    handed to its commit (`written_since_check`), so an event in two consecutive batches is still
+    written once. Queues of one: memory is bounded, and when ClickHouse is slow or down the agent
+    stops taking records. `ack` gets each batch once it is written, skipped or routed away.
     """
 
     def __init__(
@@ -382,42 +450,72 @@ class PipelinedWriter:
         self.sink = sink
         self.ack = ack
         self.fence_for = fence_for
-        self.queue: asyncio.Queue[Sequence[Delivery]] = asyncio.Queue(maxsize=1)
-        self.task: asyncio.Task[None] | None = None
+        self.prepared: asyncio.Queue[PreparedBatch] = asyncio.Queue(maxsize=1)
+        self.checked: asyncio.Queue[tuple[CheckedBatch, int]] = asyncio.Queue(maxsize=1)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.committed = 0  # batches committed (or dropped) so far
+        # (sequence number, ids written) of the last commits; a check is at most 2 commits behind.
+        self.recent: deque[tuple[int, list[str]]] = deque(maxlen=4)
 
     async def submit(self, events: Sequence[Delivery]) -> None:
-        if self.task is None:
-            self.task = asyncio.create_task(self._run(), name="memsync-batch-writer")
-        if self.task.done():
-            self.task.result()  # re-raises what stopped the writer
-        put = asyncio.ensure_future(self.queue.put(events))
-        await asyncio.wait({put, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not self.tasks:
+            self.tasks = [
+                asyncio.create_task(self._check_loop(), name="memsync-batch-checker"),
+                asyncio.create_task(self._commit_loop(), name="memsync-batch-committer"),
+            ]
+        self._raise_if_stopped()
+        prepared = self.sink.prepare(events)
+        put = asyncio.ensure_future(self.prepared.put(prepared))
+        await asyncio.wait({put, *self.tasks}, return_when=asyncio.FIRST_COMPLETED)
         if not put.done():
             put.cancel()
-            self.task.result()
+            self._raise_if_stopped()
 
-    async def _run(self) -> None:
+    def _raise_if_stopped(self) -> None:
+        for task in self.tasks:
+            if task.done():
+                task.result()  # re-raises what stopped it
+                raise RuntimeError(f"{task.get_name()} stopped")
+
+    async def _check_loop(self) -> None:
         while True:
-            events = await self.queue.get()
+            prepared = await self.prepared.get()
+            committed_before = self.committed
+            await self.checked.put((await self.sink.check(prepared), committed_before))
+
+    async def _commit_loop(self) -> None:
+        while True:
+            checked, committed_before = await self.checked.get()
+            events = checked.prepared.events
+            written_since: set[str] = set()
+            for sequence, ids in self.recent:
+                if sequence > committed_before:
+                    written_since.update(ids)
             try:
-                await self.sink.handle(events, fence=self.fence_for(events) if self.fence_for else None)
+                _, written = await self.sink.commit(
+                    checked,
+                    fence=self.fence_for(events) if self.fence_for else None,
+                    written_since_check=written_since,
+                )
             except StaleBatch as exc:
                 metrics.stale_batches.inc()
                 log.warning(
                     "Dropped a batch of %d events %s; their partitions' owners read them again",
                     len(events), exc,
                 )
-                continue
-            self.ack(events)
+                written = []
+            else:
+                self.ack(events)
+            self.committed += 1
+            self.recent.append((self.committed, written))
 
     async def close(self) -> None:
-        """Stop the writer; a batch in hand stays unacked and is redelivered after a restart."""
-        if self.task is None:
-            return
-        if self.task.done():
-            if not self.task.cancelled() and self.task.exception() is not None:
-                log.error("batch writer had stopped: %r", self.task.exception())
-            return
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        """Stop the writer; batches in hand stay unacked and are redelivered after a restart."""
+        for task in self.tasks:
+            if task.done():
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("%s had stopped: %r", task.get_name(), task.exception())
+                continue
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -201,6 +201,14 @@ def quantiles_between(
     return result
 
 
+def process_cpu_s(worker: Worker) -> float:
+    """CPU seconds (user + system) the worker process has used: on a shared machine, CPU per event is
+    the steadier measure of the worker's own cost."""
+    assert worker.process is not None
+    fields = Path(f"/proc/{worker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -246,17 +254,34 @@ def main() -> None:
     wait_for(lambda: worker.get("/healthz") is not None, 120, "worker web port", worker.log)
     wait_for(lambda: worker.metric("memory_sync_events_consumed_total") > 0, 120, "first event", worker.log)
     first = time.perf_counter()
+    cpu_first = process_cpu_s(worker)
     wait_for(lambda: count(store, settings.history_table) >= args.events, 1800, "all rows", worker.log)
     done = time.perf_counter()
+    memsync_cpu = process_cpu_s(worker) - cpu_first
+    # The last batch's latencies are observed just after its rows land: wait for them, or they would
+    # count in the steady window below (year-old timestamps, all in the +Inf bucket).
+    wait_for(
+        lambda: worker.metric("memory_sync_consume_latency_seconds_count") >= args.events,
+        60,
+        "latencies of the loaded events",
+        worker.log,
+    )
     memsync_s = done - first
     memsync_rate = args.events / memsync_s
     inserts = worker.metric("memory_sync_insert_batch_rows_count")
     rows_per_insert = worker.metric("memory_sync_insert_batch_rows_sum") / inserts if inserts else 0
     print(
-        f"memsync: {memsync_rate:,.0f} events/s ({memsync_s:.1f}s from first event; start-up "
+        f"memsync: {memsync_rate:,.0f} events/s ({memsync_s:.1f}s from first event, worker CPU "
+        f"{memsync_cpu:.1f}s; start-up "
         f"{first - started:.1f}s), {rows_per_insert:,.0f} rows per insert",
         flush=True,
     )
+
+    phases = {
+        phase: worker.metric("memory_sync_batch_phase_seconds_sum", {"phase": phase})
+        for phase in ("decode", "table", "clickhouse_lookup", "insert", "mark")
+    }
+    print("  time per phase (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), flush=True)
 
     steady_events = int(args.steady_rate * args.steady_seconds)
     print(f"steady load: {args.steady_rate:,.0f} events/s for {args.steady_seconds:.0f}s ...", flush=True)

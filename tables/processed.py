@@ -15,6 +15,7 @@ same places as Faust's per-key `table[key] = value` (see `mark`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -27,6 +28,8 @@ from rocksdict import WriteBatch
 from app import app, settings
 from app.lane import Delivery
 from app.topics import sync_events
+
+log = logging.getLogger(__name__)
 
 HORIZON_MS = settings.idempotency_horizon_hours * 3600 * 1000
 
@@ -114,18 +117,16 @@ async def mark(pairs: Iterable[tuple[Delivery, str]], now_ms: int | None = None)
     store = processed_ids.data
     value = store._encode_value(written_at)
     encode_key = _key_encoder()
-    sends = []
     for partition, event_ids in _by_partition(pairs).items():
         keys = [encode_key(event_id) for event_id in event_ids]
         batch = WriteBatch(raw_mode=True)
         for key in keys:
             batch.put(key, value)
         store._db_for_partition(partition).write(batch)
-        sends.append(_send_changelog(partition, keys, value))
+        await _send_changelog(partition, keys, value)
         partition_stats = stats.setdefault(partition, {"marked": 0, "oldest": written_at})
         partition_stats["marked"] += len(keys)
         partition_stats["newest"] = written_at
-    await asyncio.gather(*sends)
 
 
 def _by_partition(pairs: Iterable[tuple[Delivery, str]]) -> dict[int, list[str]]:
@@ -137,8 +138,15 @@ def _by_partition(pairs: Iterable[tuple[Delivery, str]]) -> dict[int, list[str]]
     return grouped
 
 
+# Changelog deliveries still awaited: kept referenced until done (a bare task may be collected).
+_deliveries: set[asyncio.Task[None]] = set()
+
+
 async def _send_changelog(partition: int, keys: list[bytes], value: bytes | None) -> None:
-    """Produce the marks to the table's changelog partition, in as few record batches as fit."""
+    """Hand the marks to the producer for the table's changelog partition, in as few record batches
+    as fit. Returns once they are queued, not delivered, as Faust's own `table[key] = value` does: the
+    batch is acked meanwhile. A mark lost with an undelivered changelog costs, after a crash that also
+    loses this worker's RocksDB, one ClickHouse lookup hit, not a duplicate row."""
     producer = app.producer._ensure_producer()
     topic = processed_ids.changelog_topic.get_topic_name()
     sent: list[tuple[asyncio.Future, int]] = []
@@ -154,12 +162,32 @@ async def _send_changelog(partition: int, keys: list[bytes], value: bytes | None
             batch = producer.create_batch()
             batch.append(key=key, value=value, timestamp=None)
     await send(batch)
-    last_offset = -1
-    for delivered, count in sent:
-        metadata = await delivered
-        last_offset = max(last_offset, metadata.offset + count - 1)
-    # What a recovery of this partition can skip: these marks are in the local RocksDB already.
-    processed_ids.data.set_persisted_offset(TP(topic, partition), last_offset)
+    task = asyncio.create_task(_persisted_once_delivered(topic, partition, sent))
+    _deliveries.add(task)
+    task.add_done_callback(_deliveries.discard)
+
+
+_persisted: dict[int, int] = {}
+
+
+async def _persisted_once_delivered(
+    topic: str, partition: int, sent: list[tuple[asyncio.Future, int]]
+) -> None:
+    try:
+        last_offset = -1
+        for delivered, count in sent:
+            metadata = await delivered
+            last_offset = max(last_offset, metadata.offset + count - 1)
+    except Exception as exc:  # the marks stay in RocksDB; the ClickHouse lookup covers a restore
+        log.warning("idempotency changelog %s[%d]: marks not delivered: %s", topic, partition, exc)
+        return
+    # What a recovery of this partition can skip: these marks are in the local RocksDB already. Never
+    # backwards, should two batches' deliveries resolve out of order.
+    # Only while the partition is still open here: after a revocation, writing it would reopen it.
+    store = processed_ids.data
+    if last_offset > _persisted.get(partition, -1) and partition in getattr(store, "_dbs", {}):
+        _persisted[partition] = last_offset
+        store.set_persisted_offset(TP(topic, partition), last_offset)
 
 
 __all__ = ["known", "mark", "processed_ids", "stats", "sync_events"]

@@ -15,6 +15,7 @@ from app import transport
 from app.factory import create_app
 from app.lane import StaleBatch
 from app.settings import Settings
+from app.sink import BatchReport, CheckedBatch, PreparedBatch
 
 SETTINGS = Settings()
 SYNC = TP(SETTINGS.sync_topic, 0)
@@ -183,9 +184,16 @@ def test_the_writer_drops_a_stale_batch_unacked_and_goes_on(consumer):
     acked: list[list[int]] = []
 
     class Sink:
-        async def handle(self, events, fence=None):
+        def prepare(self, events):
+            return PreparedBatch(events, [], [], 0)
+
+        async def check(self, prepared):
+            return CheckedBatch(prepared, BatchReport(), [])
+
+        async def commit(self, checked, fence=None, written_since_check=frozenset()):
             async with fence():
-                handled.append(offsets(events))
+                handled.append(offsets(checked.prepared.events))
+            return BatchReport(), []
 
     async def scenario():
         old = consumer.app.consumer_generation_id

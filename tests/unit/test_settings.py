@@ -318,7 +318,7 @@ def test_every_variable_has_an_invalid_value_test_or_accepts_anything():
     # These are validated like a covered sibling (same helper), listed so a new variable is a decision.
     siblings = {
         "KAFKA_DLQ_TOPIC", "KAFKA_RETRY_TOPIC", "KAFKA_CONTROL_TOPIC", "KAFKA_REPLICATION_FACTOR",
-        "KAFKA_DLQ_RETENTION_MS", "SINK_BATCH_MAX_EVENTS",
+        "KAFKA_DLQ_RETENTION_MS", "SINK_BATCH_MAX_EVENTS", "KAFKA_MAX_PARTITION_FETCH_BYTES",
         "IDEMPOTENCY_HORIZON_HOURS", "WEB_TABLE_ROUTES_ENABLED", "CLICKHOUSE_PASSWORD",
     }
     assert missing - siblings == set()

@@ -61,11 +61,14 @@ class FakeHistory:
     lookups: int = 0
     unavailable_for: int = 0
     reject_ids: set[str] = field(default_factory=set)
+    insert_delay_s: float = 0.0
 
     async def ensure_schema(self) -> None:
         return None
 
     async def insert(self, rows: Sequence[HistoryRow], dedup_token: str | None = None) -> None:
+        if self.insert_delay_s:
+            await asyncio.sleep(self.insert_delay_s)
         if self.unavailable_for > 0:
             self.unavailable_for -= 1
             raise SinkUnavailable("Connection refused", code=210)
@@ -254,6 +257,30 @@ def test_pipelined_writer_keeps_order_acks_after_writing_and_surfaces_a_crash():
 
     run(scenario())
     assert acked == list(range(30))
+
+
+def test_a_batch_checked_while_the_previous_one_is_written_still_skips_its_events():
+    """The writer checks batch N+1 (table, ClickHouse) while N is being inserted, so neither knows N's
+    events yet; N+1's copies of them must be dropped at its commit, not inserted a second time."""
+    from app.sink import PipelinedWriter
+
+    history = FakeHistory(insert_delay_s=0.05)
+    sink = make_sink(history=history)
+    acked: list[int] = []
+
+    async def scenario():
+        writer = PipelinedWriter(sink, lambda events: acked.extend(e.message.offset for e in events))
+        await writer.submit([make_event(i) for i in range(10)])
+        await writer.submit([make_event(i) for i in range(5, 15)])  # 5..9 again
+        while len(acked) < 20:
+            await asyncio.sleep(0.01)
+        await writer.close()
+
+    run(scenario())
+    assert sorted(r.event_id for r in history.rows) == sorted(
+        event_id_for("contexts", f"e{i}", 1) for i in range(15)
+    )
+    assert history.lookups == 2  # batch 2 was looked up before batch 1's rows were there
 
 
 def test_pipelined_writer_raises_what_stopped_it():
