@@ -120,7 +120,7 @@ class DeadLetters:
             context.source_offset,
             failure.message[:200],
         )
-        metrics.dlq_events.labels(failure.error_class).inc()
+        metrics.record_dead_letter(failure.error_class)
         return await self.dlq_topic.send(key=message.key, value=message.value, headers=headers)
 
 

@@ -34,9 +34,17 @@ publish_failures = Counter(
     "MemorySyncEvents that could not be published after the MongoDB write (reconciliation repairs them)",
     registry=registry,
 )
+# The seed's two DLQ-rate counters carry no label of their own, so HighDLQRate's plain division
+# `rate(dlq) / rate(consumed)` matches them one-to-one (same target labels); the breakdowns live in
+# separate *_by_* counters.
 events_consumed = Counter(
     "memory_sync_events_consumed_total",
-    "MemorySyncEvents consumed by the sync agent (including duplicates and poison)",
+    "MemorySyncEvents consumed from the sync topic (duplicates and poison included, retries not)",
+    registry=registry,
+)
+events_consumed_by_topic = Counter(
+    "memory_sync_events_consumed_by_topic_total",
+    "MemorySyncEvents taken by the sink, by the topic they were read from (sync or retry)",
     ["topic"],
     registry=registry,
 )
@@ -52,8 +60,19 @@ consumer_lag = Gauge(
     ["topic", "partition"],
     registry=registry,
 )
+consumer_lag_refreshed = Gauge(
+    "memory_sync_consumer_lag_refreshed_timestamp_seconds",
+    "Unix time of the last successful refresh of memory_sync_consumer_lag (0 before the first); "
+    "the lag gauges keep their last values when a refresh fails",
+    registry=registry,
+)
 dlq_events = Counter(
     "memory_sync_dlq_events_total",
+    "Events sent to the dead-letter topic",
+    registry=registry,
+)
+dlq_events_by_class = Counter(
+    "memory_sync_dlq_events_by_class_total",
     "Events sent to the dead-letter topic, by error class",
     ["error_class"],
     registry=registry,
@@ -153,3 +172,24 @@ def observe_many(histogram: Histogram, amounts: Iterable[float]) -> None:
     for index, count in enumerate(counts):
         if count:
             histogram._buckets[index].inc(count)
+
+
+# Every error class app/sink.py and app/deadletter.py give a Failure, created at 0 so that rate() and
+# increase() see the first dead letter of a class.
+DLQ_ERROR_CLASSES = ("undecodable", "too_large", "invalid_data", "rejected_by_clickhouse")
+for _error_class in DLQ_ERROR_CLASSES:
+    dlq_events_by_class.labels(_error_class)
+
+
+def record_consumed(topic: str, count: int, *, sync: bool) -> None:
+    """Count events the sink took from `topic`. Only the sync topic's count in
+    memory_sync_events_consumed_total: a retried record passes through the retry topic up to three
+    times but can reach the DLQ once, so counting retries would shrink HighDLQRate's ratio."""
+    events_consumed_by_topic.labels(topic).inc(count)
+    if sync:
+        events_consumed.inc(count)
+
+
+def record_dead_letter(error_class: str) -> None:
+    dlq_events.inc()
+    dlq_events_by_class.labels(error_class).inc()

@@ -337,7 +337,7 @@ class HistorySink:
                 metrics.consume_latency, [max(0.0, (now_ms - d.row.event_ts_ms) / 1000) for d in written]
             )
             metrics.rows_inserted.labels(prepared.source).inc(len(written))
-        metrics.events_consumed.labels(topic or self.topic).inc(len(events))
+        metrics.record_consumed(topic or self.topic, len(events), sync=topic in (None, self.topic))
         for layer, count in report.duplicates.items():
             if count:
                 metrics.duplicates_skipped.labels(layer).inc(count)

@@ -87,12 +87,18 @@ def stats() -> dict[str, Any]:
         "sink": sink().state.as_dict(),
         "counts": {
             "consumed": _counter_total(metrics.events_consumed),
+            "consumed_by_topic": _counter_by_label(metrics.events_consumed_by_topic),
             "duplicates_skipped": _counter_total(metrics.duplicates_skipped),
             "duplicates_by_layer": _counter_by_label(metrics.duplicates_skipped),
             "dlq": _counter_total(metrics.dlq_events),
+            "dlq_by_class": _counter_by_label(metrics.dlq_events_by_class),
             "rows_inserted": _counter_total(metrics.rows_inserted),
         },
         "lag": lag.latest,
+        "lag_refreshed_at": metrics.registry.get_sample_value(
+            "memory_sync_consumer_lag_refreshed_timestamp_seconds"
+        )
+        or None,
         "idempotency_table": processed.partition_stats(),
         "dlq": dlq_stats.as_dict(),
         "jobs": jobs.job_reports(),
@@ -141,6 +147,12 @@ async def stats_with_runs() -> dict[str, Any]:
 @app.page("/stats")
 class Stats(View):
     async def get(self, request: Request) -> Response:
+        if request.query.get("rescan") == "table":
+            # The idempotency table's counts are a cached scan (tables/processed.py); wait for a fresh
+            # one (run in a thread) instead of the next timed one.
+            from tables import processed
+
+            await processed.refresh_partition_stats()
         return self.json(await stats_with_runs())
 
 
@@ -148,6 +160,13 @@ class Stats(View):
 class StatsPage(View):
     async def get(self, request: Request) -> Response:
         return self.html(render_stats_page(await stats_with_runs()))
+
+
+def _ms(epoch_ms: float | None) -> str:
+    """Epoch milliseconds as UTC time on the HTML page (the JSON keeps the numbers)."""
+    if epoch_ms is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch_ms / 1000))
 
 
 def render_stats_page(data: dict[str, Any]) -> str:
@@ -161,9 +180,21 @@ def render_stats_page(data: dict[str, Any]) -> str:
     sink_state = data["sink"]
     lag_rows = [(topic, p, v) for topic, parts in data["lag"].items() for p, v in sorted(parts.items())]
     table_rows = [
-        (p, s.get("entries"), s.get("oldest_ms"), s.get("newest_ms"))
+        (p, s.get("role"), s.get("entries"), s.get("expired_entries"), _ms(s.get("oldest_ms")),
+         _ms(s.get("newest_ms")), _ms(s.get("scanned_at_ms")), s.get("marked_by_this_worker"))
         for p, s in data["idempotency_table"].items()
+    ]  # fmt: skip
+    count_rows = [
+        row
+        for name, value in data["counts"].items()
+        for row in (
+            [(f"{name}[{key}]", count) for key, count in sorted(value.items())]
+            if isinstance(value, dict)
+            else [(name, value)]
+        )
     ]
+    refreshed = data.get("lag_refreshed_at")
+    lag_note = f"refreshed {_ms(refreshed * 1000)}" if refreshed else "not refreshed yet"
     dlq = data["dlq"]
     jobs = [(name, r.get("status"), r.get("run"), r.get("finished_at")) for name, r in data["jobs"].items()]
     runs = data.get("runs") or {"recent": [], "error": None}
@@ -175,11 +206,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.waiting{{color:#b
 <h1>memsync worker {html.escape(data["worker_id"])}</h1>
 <p>Sink: <b class="{html.escape(sink_state["state"])}">{html.escape(sink_state["state"])}</b>
 {html.escape(sink_state["reason"])}</p>
-<h2>Counts</h2>{
-        table([*list(data["counts"].items())[:3], ("dlq", data["counts"]["dlq"])], ("metric", "value"))
+<h2>Counts</h2>{table(count_rows, ("metric", "value"))}
+<h2>Consumer lag</h2><p>{html.escape(lag_note)}</p>{table(lag_rows, ("topic", "partition", "lag"))}
+<h2>Idempotency table</h2>{
+        table(
+            table_rows,
+            ("partition", "role", "entries", "expired", "oldest", "newest", "scanned", "marked here"),
+        )
     }
-<h2>Consumer lag</h2>{table(lag_rows, ("topic", "partition", "lag"))}
-<h2>Idempotency table</h2>{table(table_rows, ("partition", "entries", "oldest (ms)", "newest (ms)"))}
 <h2>Dead letters</h2>{table(sorted(dlq["by_error_class"].items()), ("error class", "count"))}
 {
         table(

@@ -19,6 +19,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -52,25 +53,140 @@ processed_ids = app.Table(
     },
 )
 
-# Counters kept here rather than len(table), which scans every key.
+# Marks this process made, kept as it goes (cheap); what the partitions hold comes from `scans`.
 stats: dict[int, dict[str, int]] = {}
 
+# ------------------------------------------------------------------ table stats (/stats)
+# What each partition's RocksDB holds (entries, oldest/newest mark) needs a read of every value, so it
+# is computed in a thread, after recovery and then every TABLE_STATS_INTERVAL_S (or when the set of
+# open partitions changes), and cached for the stats view.
 
-def partition_stats() -> dict[int, dict[str, int | None]]:
-    """Per partition: RocksDB's key estimate, and the first/last marks this worker made."""
-    result: dict[int, dict[str, int | None]] = {}
-    store = processed_ids.data
-    for partition, db in sorted(getattr(store, "_dbs", {}).items()):
+TABLE_STATS_INTERVAL_S = 600.0
+TABLE_STATS_TICK_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionScan:
+    entries: int
+    expired: int  # older than the horizon: known() ignores them, RocksDB drops them at compaction
+    oldest_ms: int | None
+    newest_ms: int | None
+    scanned_at_ms: int
+    scan_s: float
+
+
+scans: dict[int, PartitionScan] = {}
+_scan_lock = asyncio.Lock()
+_scanned_partitions: frozenset[int] = frozenset()
+_scanned_at = 0.0
+
+
+# Faust keeps the partition's changelog offset in the same RocksDB, under this key.
+FAUST_OFFSET_KEY: bytes = getattr(type(processed_ids.data), "offset_key", b"__faust\0offset__")
+
+
+def scan_partition(db: Any, decode_value: Callable[[bytes], Any], now_ms: int) -> PartitionScan:
+    """Read every value (the epoch ms an id was first written) of one partition's RocksDB.
+
+    Blocking: run it in a thread. RocksDB iterators read a consistent snapshot while marks go on."""
+    started = time.perf_counter()
+    cutoff = now_ms - HORIZON_MS
+    entries = expired = 0
+    oldest: int | None = None
+    newest: int | None = None
+    for key, raw in db.items():
+        if key == FAUST_OFFSET_KEY:
+            continue
         try:
-            entries = int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
-        except Exception:
-            entries = None
+            written_at = int(raw)  # the JSON of an int is its digits
+        except (TypeError, ValueError):
+            written_at = int(decode_value(raw))
+        entries += 1
+        if written_at < cutoff:
+            expired += 1
+        if oldest is None or written_at < oldest:
+            oldest = written_at
+        if newest is None or written_at > newest:
+            newest = written_at
+    return PartitionScan(entries, expired, oldest, newest, now_ms, round(time.perf_counter() - started, 3))
+
+
+def _scan_all(dbs: dict[int, Any], decode_value: Callable[[bytes], Any]) -> dict[int, PartitionScan]:
+    now_ms = int(time.time() * 1000)
+    return {partition: scan_partition(db, decode_value, now_ms) for partition, db in sorted(dbs.items())}
+
+
+def _open_dbs() -> dict[int, Any]:
+    return dict(getattr(processed_ids.data, "_dbs", {}))
+
+
+async def refresh_partition_stats() -> dict[int, PartitionScan]:
+    """Scan the partitions open on this worker (active and standby) off the event loop; one scan at a
+    time, a caller arriving during a scan waits for it and gets its result."""
+    global _scanned_partitions, _scanned_at
+    async with _scan_lock:
+        dbs = _open_dbs()
+        results = await asyncio.to_thread(_scan_all, dbs, processed_ids.data._decode_value)
+        scans.clear()
+        scans.update(results)
+        _scanned_partitions = frozenset(dbs)
+        _scanned_at = time.monotonic()
+        return dict(scans)
+
+
+def scan_due(now: float | None = None) -> bool:
+    """After the table's recovery: never scanned, the interval passed, or the open partitions changed."""
+    if not app.tables.recovery.completed.is_set():
+        return False
+    now = time.monotonic() if now is None else now
+    return (
+        _scanned_at == 0.0
+        or now - _scanned_at >= TABLE_STATS_INTERVAL_S
+        or frozenset(_open_dbs()) != _scanned_partitions
+    )
+
+
+@app.timer(TABLE_STATS_TICK_S)
+async def table_stats_timer() -> None:
+    if not scan_due() or _scan_lock.locked():
+        return
+    try:
+        await refresh_partition_stats()
+    except Exception as exc:  # a timer that raises kills the worker; stats are not worth that
+        log.warning("could not scan the idempotency table for /stats: %s", exc)
+
+
+def partition_roles() -> dict[int, str]:
+    """"active" or "standby" per partition of the table this worker is assigned."""
+    changelog = processed_ids.changelog_topic.get_topic_name()
+    assignor = app.assignor
+    roles: dict[int, str] = {}
+    for tp in assignor.assigned_standbys():
+        if tp.topic == changelog:
+            roles[tp.partition] = "standby"
+    for tp in assignor.assigned_actives():
+        if tp.topic in {changelog, sync_events.get_topic_name()}:
+            roles[tp.partition] = "active"
+    return roles
+
+
+def partition_stats() -> dict[int, dict[str, Any]]:
+    """Per partition open here or last scanned: its role, the last scan's counts (None until the first
+    scan), and the marks this process made."""
+    roles = partition_roles()
+    result: dict[int, dict[str, Any]] = {}
+    for partition in sorted(set(_open_dbs()) | set(scans) | set(roles)):
+        scan = scans.get(partition)
         mine = stats.get(partition, {})
         result[partition] = {
-            "entries": entries,
+            "role": roles.get(partition, "unassigned"),
+            "entries": scan.entries if scan else None,
+            "expired_entries": scan.expired if scan else None,
+            "oldest_ms": scan.oldest_ms if scan else None,
+            "newest_ms": scan.newest_ms if scan else None,
+            "scanned_at_ms": scan.scanned_at_ms if scan else None,
+            "scan_s": scan.scan_s if scan else None,
             "marked_by_this_worker": mine.get("marked", 0),
-            "oldest_ms": mine.get("oldest"),
-            "newest_ms": mine.get("newest"),
         }
     return result
 
