@@ -4,8 +4,9 @@ The agent subscribes to the sync topic (so Faust assigns its partitions, with th
 alongside), but its records arrive through the topic's batch lane (app/lane.py), whole fetches at a
 time, not through the stream. Order per batch: write ClickHouse (retrying while it is unavailable),
 mark the ids in the idempotency table, route record-level failures, and only then ack each message to
-the consumer, whose commits follow the acks. Writing happens on a writer task
-(app.sink.PipelinedWriter) so the next batch is collected meanwhile.
+the consumer, whose commits follow the acks. Batches overlap (app.sink.PipelinedWriter): the agent
+decodes the next batch while the one before it is checked against the table and ClickHouse and the one
+before that is written.
 """
 
 from __future__ import annotations

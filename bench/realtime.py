@@ -209,6 +209,15 @@ def process_cpu_s(worker: Worker) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def peak_rss_mib(worker: Worker) -> float:
+    """The worker's peak resident memory (VmHWM), MiB: what the batches in flight cost."""
+    assert worker.process is not None
+    for line in Path(f"/proc/{worker.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -272,7 +281,7 @@ def main() -> None:
     rows_per_insert = worker.metric("memory_sync_insert_batch_rows_sum") / inserts if inserts else 0
     print(
         f"memsync: {memsync_rate:,.0f} events/s ({memsync_s:.1f}s from first event, worker CPU "
-        f"{memsync_cpu:.1f}s; start-up "
+        f"{memsync_cpu:.1f}s, peak RSS {peak_rss_mib(worker):,.0f} MiB; start-up "
         f"{first - started:.1f}s), {rows_per_insert:,.0f} rows per insert",
         flush=True,
     )
