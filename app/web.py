@@ -7,6 +7,7 @@ them off unless WEB_TABLE_ROUTES_ENABLED=true. No view shows a secret or an even
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import time
 from collections.abc import Callable
@@ -152,7 +153,8 @@ class Stats(View):
             # one (run in a thread) instead of the next timed one.
             from tables import processed
 
-            await processed.refresh_partition_stats()
+            with contextlib.suppress(processed.ScanAborted):  # a rebalance began: the cached scan
+                await processed.refresh_partition_stats()
         return self.json(await stats_with_runs())
 
 

@@ -85,10 +85,18 @@ _scanned_at = 0.0
 FAUST_OFFSET_KEY: bytes = getattr(type(processed_ids.data), "offset_key", b"__faust\0offset__")
 
 
-def scan_partition(db: Any, decode_value: Callable[[bytes], Any], now_ms: int) -> PartitionScan:
+class ScanAborted(Exception):
+    """A rebalance began: the scan lets go of the partitions' databases so Faust can reopen them."""
+
+
+def scan_partition(
+    db: Any, decode_value: Callable[[bytes], Any], now_ms: int, stop: Callable[[], bool] = lambda: False
+) -> PartitionScan:
     """Read every value (the epoch ms an id was first written) of one partition's RocksDB.
 
-    Blocking: run it in a thread. RocksDB iterators read a consistent snapshot while marks go on."""
+    Blocking: run it in a thread. RocksDB iterators read a consistent snapshot while marks go on.
+    `stop` is polled every few thousand entries; when it says so, the scan raises ScanAborted: a
+    revoked partition's database must not stay open in a scan while Faust reopens it elsewhere."""
     started = time.perf_counter()
     cutoff = now_ms - HORIZON_MS
     entries = expired = 0
@@ -97,6 +105,8 @@ def scan_partition(db: Any, decode_value: Callable[[bytes], Any], now_ms: int) -
     for key, raw in db.items():
         if key == FAUST_OFFSET_KEY:
             continue
+        if not entries % 4096 and stop():
+            raise ScanAborted
         try:
             written_at = int(raw)  # the JSON of an int is its digits
         except (TypeError, ValueError):
@@ -111,9 +121,20 @@ def scan_partition(db: Any, decode_value: Callable[[bytes], Any], now_ms: int) -
     return PartitionScan(entries, expired, oldest, newest, now_ms, round(time.perf_counter() - started, 3))
 
 
-def _scan_all(dbs: dict[int, Any], decode_value: Callable[[bytes], Any]) -> dict[int, PartitionScan]:
+def _scan_all(
+    dbs: dict[int, Any], decode_value: Callable[[bytes], Any], stop: Callable[[], bool]
+) -> dict[int, PartitionScan]:
     now_ms = int(time.time() * 1000)
-    return {partition: scan_partition(db, decode_value, now_ms) for partition, db in sorted(dbs.items())}
+    try:
+        return {
+            partition: scan_partition(db, decode_value, now_ms, stop) for partition, db in sorted(dbs.items())
+        }
+    finally:
+        dbs.clear()  # no reference to a database outlives the scan
+
+
+def _rebalance_began(generation: int) -> Callable[[], bool]:
+    return lambda: bool(app.rebalancing) or app.consumer_generation_id != generation
 
 
 def _open_dbs() -> dict[int, Any]:
@@ -126,17 +147,19 @@ async def refresh_partition_stats() -> dict[int, PartitionScan]:
     global _scanned_partitions, _scanned_at
     async with _scan_lock:
         dbs = _open_dbs()
-        results = await asyncio.to_thread(_scan_all, dbs, processed_ids.data._decode_value)
+        partitions = frozenset(dbs)
+        stop = _rebalance_began(app.consumer_generation_id)
+        results = await asyncio.to_thread(_scan_all, dbs, processed_ids.data._decode_value, stop)
         scans.clear()
         scans.update(results)
-        _scanned_partitions = frozenset(dbs)
+        _scanned_partitions = partitions
         _scanned_at = time.monotonic()
         return dict(scans)
 
 
 def scan_due(now: float | None = None) -> bool:
     """After the table's recovery: never scanned, the interval passed, or the open partitions changed."""
-    if not app.tables.recovery.completed.is_set():
+    if app.rebalancing or not app.tables.recovery.completed.is_set():
         return False
     now = time.monotonic() if now is None else now
     return (
@@ -152,6 +175,8 @@ async def table_stats_timer() -> None:
         return
     try:
         await refresh_partition_stats()
+    except ScanAborted:
+        log.info("idempotency table scan for /stats stopped by a rebalance; it runs again after it")
     except Exception as exc:  # a timer that raises kills the worker; stats are not worth that
         log.warning("could not scan the idempotency table for /stats: %s", exc)
 

@@ -56,6 +56,19 @@ def test_scan_counts_entries_and_finds_oldest_and_newest(partitions):
     assert scan.scanned_at_ms == NOW_MS
 
 
+def test_a_scan_lets_go_of_the_databases_when_a_rebalance_begins(partitions, monkeypatch):
+    """Faust reopens a revoked partition's RocksDB on reassignment; a scan holding it open would block
+    that, so a rebalance stops the scan and the cached numbers stay."""
+    write_marks(partitions[0], {f"id-{i}": NOW_MS for i in range(10)})
+    decode = processed.processed_ids.data._decode_value
+    with pytest.raises(processed.ScanAborted):
+        processed.scan_partition(partitions[0], decode, NOW_MS, lambda: True)
+    monkeypatch.setattr(app, "rebalancing", True, raising=False)
+    with pytest.raises(processed.ScanAborted):
+        asyncio.run(processed.refresh_partition_stats())
+    assert processed.scans == {}
+
+
 def test_an_empty_partition_has_no_oldest_or_newest(partitions):
     scan = processed.scan_partition(partitions[3], processed.processed_ids.data._decode_value, NOW_MS)
     assert (scan.entries, scan.expired, scan.oldest_ms, scan.newest_ms) == (0, 0, None, None)
