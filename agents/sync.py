@@ -17,7 +17,7 @@ from faust import StreamT
 
 from app import app, settings
 from app.lane import Delivery
-from app.runtime import history, sink
+from app.runtime import history, sink, tune_garbage_collector
 from app.sink import PipelinedWriter, WriteFence
 from app.topics import sync_events
 
@@ -45,6 +45,11 @@ async def sync(stream: StreamT) -> None:
 # reconciliation and retention still run.
 if settings.enable_realtime_sync:
     app.agent(sync_events, name="sync")(sync)
+
+
+@app.task
+async def tune_gc() -> None:
+    tune_garbage_collector()
 
 
 @app.task

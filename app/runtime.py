@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from functools import cache
 
@@ -11,6 +12,20 @@ from app.history import AsyncHistory, HistoryStore
 from app.lane import Delivery
 from app.sink import HistorySink
 from app.topics import dlq_events, retry_events
+
+# Python's cyclic collector runs a generation-0 pass every 700 container allocations, and every 10th
+# and 100th of those walk the older generations: every live object, the batches in flight included
+# (~10^6 objects under load). The real-time path allocates ~10 containers per event, all freed by
+# reference counting, so those passes find nothing and cost over a third of the worker's CPU (bench:
+# 4.3 of 11.6 CPU-seconds for 400,000 events). Passes every 50,000 allocations, full ones rarer.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """For a worker, once at start: what start-up allocated (modules, the app, its tables) is never
+    garbage, so it leaves the collector's generations (gc.freeze), and passes are rarer."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class TableIndex:
